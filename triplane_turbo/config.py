@@ -1,0 +1,66 @@
+"""Typed configuration holding the published TriplaneTurbo values as defaults.
+
+Everything that is a property of the *checkpoint* (LoRA ranks, plane channels, MLP widths) is not
+configured here: it is read from the tensor shapes of the file (see ``adapter.AdapterSpec``), so that
+one code path loads the published file, the parity fixture and any other checkpoint of the family.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: Hub repository of the base model (Stable Diffusion 2.1-base, diffusers layout).
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+#: Hub repository holding the published adapter.
+DEFAULT_ADAPTER_REPO = "ZhiyuanthePony/TriplaneTurbo"
+#: File name of the published adapter inside ``DEFAULT_ADAPTER_REPO``.
+DEFAULT_ADAPTER_FILENAME = "triplane_turbo_sd_v1.pth"
+
+#: Environment variables that override the two sources (a Hub repo id or a local path each).
+ENV_BASE_MODEL = "TRIPLANE_TURBO_BASE_MODEL"
+ENV_ADAPTER = "TRIPLANE_TURBO_ADAPTER"
+
+#: Number of feature planes per object: xy, xz, yz for geometry, then xy, xz, yz for texture.
+NUM_PLANES = 6
+#: Largest seed accepted (seeds feed ``torch.Generator.manual_seed``).
+MAX_SEED = 2**63 - 1
+#: Marching-cubes resolutions accepted by the library.
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 512
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one generation runs; defaults are the authors' inference settings.
+
+    Attributes:
+        num_steps: denoising steps (the model was distilled for 4).
+        latent_size: side of each latent plane (the reference hard-codes 32 -> 256-pixel planes).
+        mesh_resolution: marching-cubes grid points per axis (reference: 160).
+        sphere_radius: radius of the SDF's sphere prior, ``sdf = mlp(f) + (|p| - radius)``.
+        field_chunk: x-slices of the grid evaluated at once; bounds memory at high resolutions.
+    """
+
+    num_steps: int = 4
+    latent_size: int = 32
+    mesh_resolution: int = 160
+    sphere_radius: float = 0.5
+    field_chunk: int = 16
+
+
+@dataclass(frozen=True)
+class WeightSources:
+    """Where the weights come from: each a Hub repo id or a local path."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    adapter: str = DEFAULT_ADAPTER_REPO
+    adapter_filename: str = DEFAULT_ADAPTER_FILENAME
+
+    @classmethod
+    def resolve(cls, base_model: str | os.PathLike | None = None,
+                adapter: str | os.PathLike | None = None) -> "WeightSources":
+        """Explicit arguments win, then the environment variables, then the published defaults."""
+        return cls(
+            base_model=str(base_model or os.environ.get(ENV_BASE_MODEL) or DEFAULT_BASE_MODEL),
+            adapter=str(adapter or os.environ.get(ENV_ADAPTER) or DEFAULT_ADAPTER_REPO),
+        )

@@ -1,0 +1,441 @@
+"""TriplaneTurboPipeline: prompt -> text embedding -> 4 denoising steps -> triplane -> mesh.
+
+Every stage is a public method with documented shapes, so that a test, a benchmark or a researcher
+can run one alone; ``__call__`` chains them. Numerics follow the authors' implementation
+(shared/reference/CHECKPOINT.md §6) except where a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import trimesh
+
+from . import adapter as peta
+from . import hub
+from .config import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION, NUM_PLANES, GenerationConfig, WeightSources
+from .isosurface import marching_cubes, remove_floaters, simplify
+from .triplane import Fields, TriplaneFields
+
+logger = logging.getLogger(__name__)
+
+#: Progress callback: ``callback(stage, step, total)``; stages are "text", "denoise", "decode",
+#: "fields", "isosurface" and "color" (one call when a stage, or a denoising step, finishes).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder's 77 tokens and was cut."""
+
+
+@dataclass
+class TriplaneTurboOutput:
+    """Result of one pipeline call.
+
+    Attributes:
+        meshes: one ``trimesh.Trimesh`` per prompt, model frame, vertex colours as uint8 RGBA
+            (empty when the SDF had no zero crossing).
+        triplane: [B, 6, C, H, W] feature planes (geometry xy/xz/yz, then texture).
+        latents: [6B, 4, h, w] the last step's x̂₀.
+        seeds: the seed each object's noise was drawn from (None when a generator or latents were given).
+        timings: seconds spent in each stage.
+    """
+
+    meshes: list[trimesh.Trimesh]
+    triplane: torch.Tensor
+    latents: torch.Tensor
+    seeds: list[int | None]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def validate_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """A prompt or a list of prompts -> a list; TypeError / ValueError for anything unusable."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"prompt must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError("prompt is empty: describe the object to generate, e.g. 'a wooden chair'")
+    return list(prompts)
+
+
+def validate_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    return int(seed)
+
+
+def validate_resolution(resolution) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
+        raise TypeError(f"mesh resolution must be an integer, got {type(resolution).__name__}")
+    if not MIN_RESOLUTION <= int(resolution) <= MAX_RESOLUTION:
+        raise ValueError(f"mesh resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+    return int(resolution)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+class TriplaneTurboPipeline:
+    """Stable Diffusion 2.1-base with the PETA adapter: text to a textured mesh in 4 steps.
+
+    Build it with ``from_pretrained``; move it with ``.to(device, dtype)``. The SDF/colour heads stay
+    in float32 whatever the dtype of the networks (they are tiny and the mesh depends on them).
+    """
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, fields: TriplaneFields,
+                 spec: peta.AdapterSpec, config: GenerationConfig = GenerationConfig(), revision: str = "local"):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.fields = fields
+        self.spec = spec
+        self.config = config
+        self.revision = revision
+        self._progress_bar_config: dict = {}
+
+    # ---------------------------------------------------------------------------------------------
+    # Loading and placement
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, base_model: str | None = None, adapter: str | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        adapter_filename: str | None = None, fuse_lora: bool = True,
+                        attention_kernel: str = "sdpa", config: GenerationConfig = GenerationConfig(),
+                        ) -> "TriplaneTurboPipeline":
+        """Load the base model and the adapter, attach PETA, and move to ``device``/``dtype``.
+
+        Args:
+            base_model: Hub repo id or local diffusers folder (default
+                ``stabilityai/stable-diffusion-2-1-base``, env ``TRIPLANE_TURBO_BASE_MODEL``).
+            adapter: Hub repo id, local ``.pth`` file or folder holding it (default
+                ``ZhiyuanthePony/TriplaneTurbo``, env ``TRIPLANE_TURBO_ADAPTER``).
+            device, dtype: where to run; ``None`` keeps the CPU and float32.
+            fuse_lora: merge the shared LoRA/LoCON terms into the base weights (same result, faster).
+            attention_kernel: "sdpa" (fused) or "math" (explicit softmax, as the authors' code).
+        Raises:
+            WeightsNotAvailableError: offline with nothing cached, or a missing local path.
+            CheckpointMismatchError: the adapter file does not fit the base model (names the key).
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        sources = WeightSources.resolve(base_model, adapter)
+        weights = hub.resolve(sources.base_model, sources.adapter, adapter_filename or sources.adapter_filename)
+        base = weights.base_dir
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        vae.encoder = None  # only the decoder is used
+        vae.quant_conv = None
+        with warnings.catch_warnings():  # SD ships a PNDM config; DDIM reads the same fields
+            warnings.simplefilter("ignore")
+            scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+
+        state_dict = peta.read_checkpoint(weights.adapter_file)
+        source = str(weights.adapter_file)
+        slots = peta.adapter_slots(unet, vae)
+        spec = peta.AdapterSpec.from_state_dict(state_dict, slots, source)
+        peta.check_state_dict(state_dict, peta.expected_layout(slots, spec), source)
+        slots = peta.attach_adapter(unet, vae, spec, attention_kernel)
+        peta.load_adapter_weights(unet, vae, slots, state_dict, source)
+        fields = TriplaneFields(spec.plane_channels, spec.mlp_hidden, config.sphere_radius)
+        fields.load_state_dict({k[len("geometry."):]: v for k, v in state_dict.items()
+                                if not k.startswith(peta.GROUP_PREFIX)}, strict=True)
+        if fuse_lora:
+            peta.fuse_shared_lora(unet)
+            peta.fuse_shared_lora(vae)
+        for module in (text_encoder, unet, vae, fields):
+            module.eval().requires_grad_(False)
+        pipe = cls(tokenizer, text_encoder, unet, vae, scheduler, fields, spec, config, weights.revision)
+        return pipe.to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TriplaneTurboPipeline":
+        """Move the networks to ``device`` and cast them to ``dtype`` (fields stay float32)."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(*(a for a in (device, dtype) if a is not None))
+        if device is not None:
+            self.fields.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm bar of ``__call__`` (e.g. ``disable=True``)."""
+        self._progress_bar_config = kwargs
+
+    # ---------------------------------------------------------------------------------------------
+    # Stages
+    # ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> text embeddings [B, 77, D] (the encoder's last hidden state, no guidance).
+
+        Prompts longer than 77 tokens are truncated with a ``PromptTruncatedWarning``.
+        """
+        prompts = validate_prompts(prompts)
+        max_len = self.tokenizer.model_max_length
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                                return_tensors="pt")
+        full = self.tokenizer(prompts, truncation=False)["input_ids"]
+        for prompt, ids in zip(prompts, full):
+            if len(ids) > max_len:
+                kept = self.tokenizer.decode(tokens.input_ids[0][1:-1], skip_special_tokens=True) if len(prompts) == 1 else ""
+                warnings.warn(f"The prompt is {len(ids) - 2} tokens long; the text encoder reads only the first "
+                              f"{max_len - 2}, the rest was ignored" + (f" (kept: {kept!r})" if kept else ""),
+                              PromptTruncatedWarning, stacklevel=3)
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def prepare_latents(self, batch_size: int, generator: torch.Generator | None = None,
+                        height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Initial noise [6B, 4, h, w]; row 6b+p is plane p of object b.
+
+        Drawn on the generator's device (the CPU for a seed), then moved to the pipeline's device, so
+        a seed gives the same latents — hence the same mesh — on every device. (The reference draws on
+        the pipeline's device, so its CUDA results differ from its CPU results for one seed.)
+        """
+        h = height or self.config.latent_size
+        w = width or self.config.latent_size
+        channels = self.unet.config.in_channels
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn((NUM_PLANES * batch_size, channels, h, w), generator=generator,
+                            device=gen_device, dtype=torch.float32)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """The authors' shifted DDIM timesteps: the scheduler's, moved so the first is T−1.
+
+        For 4 steps: [751, 501, 251, 1] -> [999, 749, 499, 249].
+        """
+        scheduler = self._fresh_scheduler(num_steps)
+        t = scheduler.timesteps
+        return t + (scheduler.config.num_train_timesteps - 1 - t[0])
+
+    def _fresh_scheduler(self, num_steps: int):
+        # A per-call copy: the DDIM scheduler holds per-run state, and the app serves concurrent calls.
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    @torch.inference_mode()
+    def denoise(self, text_embeddings: torch.Tensor, latents: torch.Tensor, num_steps: int = 4,
+                callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Few-step DDIM sampling; returns the last step's x̂₀ [6B, 4, h, w].
+
+        Args:
+            text_embeddings: [B, 77, D]; each object's six planes share its prompt.
+            latents: [6B, 4, h, w] initial noise.
+        """
+        if latents.shape[0] != NUM_PLANES * text_embeddings.shape[0]:
+            raise ValueError(f"expected {NUM_PLANES} latent planes per prompt, got {latents.shape[0]} rows "
+                             f"for {text_embeddings.shape[0]} prompts")
+        scheduler = self._fresh_scheduler(num_steps)
+        timesteps = self.timesteps(num_steps)
+        context = text_embeddings.to(self.dtype).repeat_interleave(NUM_PLANES, dim=0)
+        x = latents.to(device=self.device, dtype=self.dtype)
+        x0 = x
+        for i, t in enumerate(timesteps):
+            noise_pred = self.unet(x, t.to(self.device), encoder_hidden_states=context).sample
+            step = scheduler.step(noise_pred, int(t), x)
+            x, x0 = step.prev_sample, step.pred_original_sample
+            if callback:
+                callback("denoise", i + 1, len(timesteps))
+        return x0
+
+    @torch.inference_mode()
+    def decode_triplane(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [6B, 4, h, w] -> triplane [B, 6, C, H, W] (H = 8h for SD's VAE).
+
+        The latents go into the VAE unscaled (no division by 0.18215), as in training. The decoder
+        emits 2C channels per plane; geometry planes keep the first C, texture planes the last C.
+        """
+        out = self.vae.decode(latents.to(self.dtype)).sample
+        rows, channels, h, w = out.shape
+        out = out.reshape(rows // NUM_PLANES, NUM_PLANES, channels, h, w)
+        half = channels // 2
+        return torch.cat([out[:, :3, :half], out[:, 3:, half:]], dim=1)
+
+    @torch.inference_mode()
+    def query_fields(self, triplane: torch.Tensor, points: torch.Tensor) -> Fields:
+        """Fields at world points [B, N, 3]: ``.sdf`` [B, N, 1], ``.deformation`` [B, N, 3],
+        ``.color`` [B, N, 3] (after the colour activation)."""
+        return self.fields(triplane.to(self.fields.bbox.device), points.to(self.fields.bbox.device))
+
+    @torch.inference_mode()
+    def extract_meshes(self, triplane: torch.Tensor, resolution: int | None = None, *,
+                       remove_floaters_below: float | None = None, target_faces: int | None = None,
+                       callback: ProgressCallback | None = None, timings: dict | None = None) -> list[trimesh.Trimesh]:
+        """Triplane [B, 6, C, H, W] -> one vertex-coloured mesh per object (model frame).
+
+        The SDF is evaluated on the R³ grid, the deformation only at grid points next to the surface
+        (the only ones marching cubes reads), then marching cubes, optional clean-up, and colours
+        queried at the final vertices. An object whose SDF has no zero crossing gives an empty mesh
+        and an ``EmptySurfaceWarning``.
+        """
+        resolution = validate_resolution(resolution or self.config.mesh_resolution)
+        timings = {} if timings is None else timings
+        triplane = triplane.to(self.fields.bbox.device)
+        with _timer(timings, "fields"):
+            sdf = self.fields.grid_sdf(triplane, resolution, self.config.field_chunk)
+        if callback:
+            callback("fields", 1, 1)
+        meshes = []
+        bbox = self.fields.bbox.cpu().numpy()
+        for b in range(triplane.shape[0]):
+            with _timer(timings, "isosurface"):
+                deformation = self._surface_deformation(triplane[b:b + 1], sdf[b])
+                vertices, faces = marching_cubes(sdf[b], deformation, bbox)
+                mesh = trimesh.Trimesh(vertices, faces, process=False)
+                if len(mesh.faces) and remove_floaters_below:
+                    mesh = remove_floaters(mesh, remove_floaters_below)
+                if len(mesh.faces) and target_faces:
+                    mesh = simplify(mesh, target_faces)
+            if callback:
+                callback("isosurface", b + 1, triplane.shape[0])
+            with _timer(timings, "color"):
+                if len(mesh.vertices):
+                    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=triplane.device)[None]
+                    rgb = self.fields.color(triplane[b:b + 1], points)[0].clamp(0, 1)
+                    rgba = np.concatenate([np.round(rgb.cpu().numpy() * 255), np.full((len(rgb), 1), 255)], 1)
+                    mesh.visual.vertex_colors = rgba.astype(np.uint8)
+            if callback:
+                callback("color", b + 1, triplane.shape[0])
+            meshes.append(mesh)
+        return meshes
+
+    def _surface_deformation(self, triplane: torch.Tensor, sdf: torch.Tensor) -> torch.Tensor:
+        """Deformation [R, R, R, 3], evaluated only where marching cubes uses it (zeros elsewhere).
+
+        Marching cubes reads the deformation at both ends of every edge whose SDF changes sign, the
+        edges into the one-cell padding (whose SDF is positive) included.
+        """
+        inside = sdf < 0
+        padded = torch.nn.functional.pad(inside[None, None].float(), (1, 1, 1, 1, 1, 1), value=0.0)[0, 0] > 0.5
+        near = torch.zeros_like(inside)
+        r = sdf.shape[0]
+        core = (slice(1, r + 1),) * 3
+        for axis in range(3):
+            for shift in (-1, 1):
+                neighbour = torch.roll(padded, shift, dims=axis)[core]
+                near |= neighbour != inside
+        near |= sdf == 0
+        deformation = torch.zeros((*sdf.shape, 3), dtype=torch.float32, device=sdf.device)
+        index = near.nonzero()
+        if len(index):
+            axis = self.fields.grid_axis(r)
+            points = axis[index]  # [M, 3] world coordinates of those grid points
+            values = []
+            for chunk in points.split(262144):
+                values.append(self.fields.deformation(triplane, chunk[None])[0])
+            deformation[near] = torch.cat(values).float()
+        return deformation
+
+    # ---------------------------------------------------------------------------------------------
+    # Everything at once
+    # ---------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], *, seed: int | list[int] | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 num_steps: int | None = None, mesh_resolution: int | None = None,
+                 remove_floaters_below: float | None = None, target_faces: int | None = None,
+                 callback: ProgressCallback | None = None) -> TriplaneTurboOutput:
+        """Generate one textured mesh per prompt.
+
+        Args:
+            prompt: a prompt or a list of prompts (B).
+            seed: one seed per prompt, or one seed s for all (object b then uses s + b); drawn at
+                random when neither ``seed``, ``generator`` nor ``latents`` is given.
+            generator: draw all [6B, 4, h, w] latents from this generator in one call (the reference's
+                behaviour).
+            latents: explicit initial noise [6B, 4, h, w].
+            num_steps: denoising steps (default 4, what the model was distilled for).
+            mesh_resolution: marching-cubes grid per axis, 32–512 (default 160).
+            remove_floaters_below: drop connected parts smaller than this fraction of the largest.
+            target_faces: simplify each mesh to about this many faces.
+            callback: ``callback(stage, step, total)`` after each stage / denoising step.
+        """
+        prompts = validate_prompts(prompt)
+        resolution = validate_resolution(mesh_resolution or self.config.mesh_resolution)
+        num_steps = num_steps or self.config.num_steps
+        if not isinstance(num_steps, int) or not 1 <= num_steps <= 50:
+            raise ValueError(f"num_steps must be an integer between 1 and 50, got {num_steps!r}")
+        b = len(prompts)
+        seeds: list[int | None] = [None] * b
+        if latents is None and generator is None:
+            if seed is None:
+                seed = random_seed()
+            seeds = [validate_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else \
+                [(validate_seed(seed) + i) % (MAX_SEED + 1) for i in range(b)]
+            if len(seeds) != b:
+                raise ValueError(f"got {len(seeds)} seeds for {b} prompts")
+        timings: dict[str, float] = {}
+        total_steps = num_steps + 4
+        bar = _progress_bar(total_steps, self._progress_bar_config)
+
+        def report(stage: str, step: int, total: int) -> None:
+            if stage != "isosurface":
+                bar.update(1 if stage != "color" or step == total else 0)
+            bar.set_postfix_str(stage)
+            if callback:
+                callback(stage, step, total)
+
+        try:
+            with _timer(timings, "text"):
+                embeddings = self.encode_prompt(prompts)
+            report("text", 1, 1)
+            if latents is None:
+                if generator is None:
+                    latents = torch.cat([self.prepare_latents(1, torch.Generator("cpu").manual_seed(s))
+                                         for s in seeds])
+                else:
+                    latents = self.prepare_latents(b, generator)
+            with _timer(timings, "denoise"):
+                final = self.denoise(embeddings, latents, num_steps, callback=report)
+            with _timer(timings, "decode"):
+                triplane = self.decode_triplane(final)
+            report("decode", 1, 1)
+            meshes = self.extract_meshes(triplane, resolution, remove_floaters_below=remove_floaters_below,
+                                         target_faces=target_faces, callback=report, timings=timings)
+        finally:
+            bar.close()
+        return TriplaneTurboOutput(meshes=meshes, triplane=triplane, latents=final, seeds=seeds, timings=timings)
+
+
+@contextmanager
+def _timer(timings: dict, name: str):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _progress_bar(total: int, options: dict):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="TriplaneTurbo", unit="stage", leave=False, **options)
