@@ -132,10 +132,16 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return base_dir, adapter_file
 
 
-def tiny_pipeline(device=None, dtype=None, **kwargs):
-    """A pipeline on a freshly written tiny model (written to a temporary folder, removed after loading)."""
+def tiny_pipeline(device=None, dtype=None, latent_size: int = 16, **kwargs):
+    """A pipeline on a freshly written tiny model (written to a temporary folder, removed after loading).
+
+    ``latent_size`` 16 (32×32 planes) keeps a CPU generation around a second; the loading path is
+    the real one.
+    """
+    from .config import GenerationConfig
     from .pipeline import TriplaneTurboPipeline
 
+    kwargs.setdefault("config", GenerationConfig(latent_size=latent_size))
     with tempfile.TemporaryDirectory(prefix="triplane-turbo-tiny-") as tmp:
         base_dir, adapter_file = write_tiny_model(tmp)
         pipe = TriplaneTurboPipeline.from_pretrained(str(base_dir), str(adapter_file), device=device, dtype=dtype,
