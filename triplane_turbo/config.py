@@ -64,3 +64,26 @@ class WeightSources:
             base_model=str(base_model or os.environ.get(ENV_BASE_MODEL) or DEFAULT_BASE_MODEL),
             adapter=str(adapter or os.environ.get(ENV_ADAPTER) or DEFAULT_ADAPTER_REPO),
         )
+
+
+# The architecture of stabilityai/stable-diffusion-2-1-base (CHECKPOINT.md §1), for building it
+# without a download: the meta-device layout test and the benchmark use these.
+SD21_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+    use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+)
+SD21_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=768,
+)
+SD21_TEXT_CONFIG = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, vocab_size=49408,
+    projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+#: Adapter hyper-parameters of the published triplane_turbo_sd_v1.pth (read back from its shapes).
+PUBLISHED_ADAPTER = dict(self_rank=16, cross_rank=16, conv_rank=16, out_channels=64, mlp_hidden=(64, 64))

@@ -149,22 +149,37 @@ class TriplaneTurboPipeline:
             scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
 
         state_dict = peta.read_checkpoint(weights.adapter_file)
-        source = str(weights.adapter_file)
+        pipe = cls.from_components(tokenizer, text_encoder, unet, vae, scheduler, state_dict,
+                                   source=str(weights.adapter_file), fuse_lora=fuse_lora,
+                                   attention_kernel=attention_kernel, config=config)
+        pipe.revision = weights.revision
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def from_components(cls, tokenizer, text_encoder, unet, vae, scheduler, adapter_state_dict: dict,
+                        *, source: str = "adapter state dict", fuse_lora: bool = True,
+                        attention_kernel: str = "sdpa", config: GenerationConfig = GenerationConfig(),
+                        ) -> "TriplaneTurboPipeline":
+        """Attach PETA to already-built base components and fill it from ``adapter_state_dict``.
+
+        ``adapter_state_dict`` uses the checkpoint's key names (``geometry.…``). The UNet and VAE are
+        modified in place. Used by ``from_pretrained`` and by benchmarks that build random models.
+        """
         slots = peta.adapter_slots(unet, vae)
-        spec = peta.AdapterSpec.from_state_dict(state_dict, slots, source)
-        peta.check_state_dict(state_dict, peta.expected_layout(slots, spec), source)
+        spec = peta.AdapterSpec.from_state_dict(adapter_state_dict, slots, source)
+        peta.check_state_dict(adapter_state_dict, peta.expected_layout(slots, spec), source)
         slots = peta.attach_adapter(unet, vae, spec, attention_kernel)
-        peta.load_adapter_weights(unet, vae, slots, state_dict, source)
+        peta.load_adapter_weights(unet, vae, slots, adapter_state_dict, source)
         fields = TriplaneFields(spec.plane_channels, spec.mlp_hidden, config.sphere_radius)
-        fields.load_state_dict({k[len("geometry."):]: v for k, v in state_dict.items()
+        fields.load_state_dict({k[len("geometry."):]: v for k, v in adapter_state_dict.items()
                                 if not k.startswith(peta.GROUP_PREFIX)}, strict=True)
+        fields.to(unet.device)
         if fuse_lora:
             peta.fuse_shared_lora(unet)
             peta.fuse_shared_lora(vae)
         for module in (text_encoder, unet, vae, fields):
             module.eval().requires_grad_(False)
-        pipe = cls(tokenizer, text_encoder, unet, vae, scheduler, fields, spec, config, weights.revision)
-        return pipe.to(device, dtype)
+        return cls(tokenizer, text_encoder, unet, vae, scheduler, fields, spec, config)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TriplaneTurboPipeline":
         """Move the networks to ``device`` and cast them to ``dtype`` (fields stay float32)."""
