@@ -311,7 +311,7 @@ class TriplaneTurboPipeline:
         queried at the final vertices. An object whose SDF has no zero crossing gives an empty mesh
         and an ``EmptySurfaceWarning``.
         """
-        resolution = validate_resolution(resolution or self.config.mesh_resolution)
+        resolution = validate_resolution(self.config.mesh_resolution if resolution is None else resolution)
         timings = {} if timings is None else timings
         triplane = triplane.to(self.fields.bbox.device)
         with _timer(timings, "fields"):
@@ -393,9 +393,9 @@ class TriplaneTurboPipeline:
             callback: ``callback(stage, step, total)`` after each stage / denoising step.
         """
         prompts = validate_prompts(prompt)
-        resolution = validate_resolution(mesh_resolution or self.config.mesh_resolution)
-        num_steps = num_steps or self.config.num_steps
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= 50:
+        resolution = validate_resolution(self.config.mesh_resolution if mesh_resolution is None else mesh_resolution)
+        num_steps = self.config.num_steps if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= 50:
             raise ValueError(f"num_steps must be an integer between 1 and 50, got {num_steps!r}")
         b = len(prompts)
         seeds: list[int | None] = [None] * b

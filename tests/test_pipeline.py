@@ -1,0 +1,144 @@
+"""The whole path prompt -> mesh on the tiny model, and what bad input gets."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from triplane_turbo import PromptTruncatedWarning
+from triplane_turbo.config import MAX_SEED
+from triplane_turbo.isosurface import EmptySurfaceWarning
+
+RES = 48
+
+
+def test_prompt_to_coloured_closed_mesh(tiny_pipe):
+    stages = []
+    out = tiny_pipe("a wooden chair", seed=5, mesh_resolution=RES, callback=lambda *a: stages.append(a))
+    mesh = out.meshes[0]
+    assert len(mesh.faces) > 100 and mesh.is_watertight and mesh.volume > 0  # closed, faces outward
+    assert np.abs(mesh.vertices).max() < 1.0 + 2 / (RES - 1)  # inside the box (plus the padding cell)
+    colours = mesh.visual.vertex_colors
+    assert colours.shape == (len(mesh.vertices), 4) and colours[:, 3].min() == 255
+    assert colours[:, :3].std(axis=0).min() > 1  # a texture, not one flat colour
+    assert out.seeds == [5]
+    assert out.triplane.shape == (1, 6, tiny_pipe.spec.plane_channels, 32, 32)
+    assert out.latents.shape == (6, 4, 16, 16)
+    assert [s for s, *_ in stages] == ["text"] + ["denoise"] * 4 + ["decode", "fields", "isosurface", "color"]
+    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color"}
+
+
+def test_seed_reproduces_and_differs(tiny_pipe):
+    a = tiny_pipe("a wooden chair", seed=11, mesh_resolution=RES)
+    b = tiny_pipe("a wooden chair", seed=11, mesh_resolution=RES)
+    c = tiny_pipe("a wooden chair", seed=12, mesh_resolution=RES)
+    assert np.array_equal(a.meshes[0].vertices, b.meshes[0].vertices)
+    assert np.array_equal(a.meshes[0].visual.vertex_colors, b.meshes[0].visual.vertex_colors)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_random_seed_is_reported_and_reproduces(tiny_pipe):
+    first = tiny_pipe("a red car", mesh_resolution=RES)
+    (seed,) = first.seeds
+    assert 0 <= seed <= MAX_SEED
+    assert torch.equal(tiny_pipe("a red car", seed=seed, mesh_resolution=RES).latents, first.latents)
+
+
+def test_batch_matches_single_prompts(tiny_pipe):
+    batch = tiny_pipe(["a wooden chair", "a red car"], seed=[3, 4], mesh_resolution=RES)
+    single = tiny_pipe("a red car", seed=4, mesh_resolution=RES)
+    assert len(batch.meshes) == 2 and batch.seeds == [3, 4]
+    torch.testing.assert_close(batch.triplane[1:], single.triplane, rtol=1e-4, atol=1e-5)
+    # one seed for a batch: object b uses seed + b
+    assert tiny_pipe(["a", "b"], seed=7, mesh_resolution=RES).seeds == [7, 8]
+
+
+def test_explicit_latents_and_generator(tiny_pipe):
+    latents = tiny_pipe.prepare_latents(1, torch.Generator().manual_seed(9))
+    out = tiny_pipe("a lamp", latents=latents, mesh_resolution=RES)
+    assert out.seeds == [None]
+    assert torch.equal(out.latents, tiny_pipe("a lamp", seed=9, mesh_resolution=RES).latents)
+
+
+def test_stages_one_by_one(tiny_pipe):
+    embeddings = tiny_pipe.encode_prompt(["a lamp"])
+    assert embeddings.shape == (1, 77, tiny_pipe.text_encoder.config.hidden_size)
+    latents = tiny_pipe.prepare_latents(1, torch.Generator().manual_seed(1))
+    final = tiny_pipe.denoise(embeddings, latents, num_steps=4)
+    triplane = tiny_pipe.decode_triplane(final)
+    points = torch.rand(1, 100, 3) * 2 - 1
+    fields = tiny_pipe.query_fields(triplane, points)
+    assert fields.sdf.shape == (1, 100, 1) and fields.deformation.shape == (1, 100, 3)
+    assert fields.color.shape == (1, 100, 3) and -0.001 <= float(fields.color.min()) <= float(fields.color.max()) <= 1.001
+    (mesh,) = tiny_pipe.extract_meshes(triplane, resolution=RES)
+    assert len(mesh.faces) > 0
+
+
+def test_clean_up_options(tiny_pipe):
+    full = tiny_pipe("a vase", seed=2, mesh_resolution=64).meshes[0]
+    small = tiny_pipe("a vase", seed=2, mesh_resolution=64, target_faces=2000, remove_floaters_below=0.05).meshes[0]
+    assert len(small.faces) <= 2200 < len(full.faces)
+    assert len(small.visual.vertex_colors) == len(small.vertices)  # coloured after simplification
+
+
+def test_no_surface_gives_empty_mesh_and_a_warning(tiny_pipe):
+    triplane = torch.zeros(1, 6, tiny_pipe.spec.plane_channels, 32, 32)
+    radius = tiny_pipe.fields.sphere_radius
+    tiny_pipe.fields.sphere_radius = -1.0  # SDF > 0 everywhere: nothing to mesh
+    try:
+        with pytest.warns(EmptySurfaceWarning, match="no zero crossing"):
+            (mesh,) = tiny_pipe.extract_meshes(triplane, resolution=32)
+    finally:
+        tiny_pipe.fields.sphere_radius = radius
+    assert len(mesh.faces) == 0
+
+
+def test_bfloat16_runs_and_stays_close(tiny_pipe):
+    ref = tiny_pipe("a vase", seed=2, mesh_resolution=RES, num_steps=1)
+    tiny_pipe.to(dtype=torch.bfloat16)
+    try:
+        low = tiny_pipe("a vase", seed=2, mesh_resolution=RES, num_steps=1)
+    finally:
+        tiny_pipe.to(dtype=torch.float32)
+    assert low.triplane.dtype == torch.bfloat16 and len(low.meshes[0].faces) > 0
+    error = (low.triplane.float() - ref.triplane).abs().max() / ref.triplane.abs().max()
+    assert error < 0.1
+
+
+@pytest.mark.parametrize("prompt, error", [
+    ("", ValueError), ("   \n\t", ValueError), (None, TypeError), (42, TypeError), ([], TypeError),
+    (["ok", 3], TypeError), (["ok", " "], ValueError),
+])
+def test_bad_prompts(tiny_pipe, prompt, error):
+    with pytest.raises(error):
+        tiny_pipe(prompt, seed=0, mesh_resolution=RES)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(seed=-1), ValueError), (dict(seed=MAX_SEED + 1), ValueError), (dict(seed="3"), TypeError),
+    (dict(seed=1.5), TypeError), (dict(mesh_resolution=31), ValueError), (dict(mesh_resolution=513), ValueError),
+    (dict(mesh_resolution="160"), TypeError), (dict(num_steps=0), ValueError), (dict(seed=[1, 2]), ValueError),
+])
+def test_bad_settings(tiny_pipe, kwargs, error):
+    with pytest.raises(error):
+        tiny_pipe("a chair", **{"mesh_resolution": RES, **kwargs})
+
+
+def test_largest_seed_is_accepted(tiny_pipe):
+    assert tiny_pipe("a chair", seed=MAX_SEED, mesh_resolution=32).seeds == [MAX_SEED]
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_pipe):
+    long_prompt = "a very very tall tower " * 40
+    with pytest.warns(PromptTruncatedWarning, match="only the first 75"):
+        embeddings = tiny_pipe.encode_prompt([long_prompt])
+    assert embeddings.shape[1] == 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_pipe.encode_prompt(["a short prompt"])  # no warning for a normal prompt
+
+
+def test_unicode_prompts(tiny_pipe):
+    for prompt in ("a dragon 🐉 made of glass", "מגדל גבוה", "../../etc/passwd", "a\u0000chair"):
+        assert len(tiny_pipe(prompt, seed=1, mesh_resolution=32).meshes[0].faces) > 0
