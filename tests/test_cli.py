@@ -1,0 +1,55 @@
+"""The command line end to end on the tiny model, in a fresh process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trimesh
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd, env=None):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "triplane_turbo", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.timeout(300)
+def test_tiny_chair_glb(tmp_path):
+    result = run_cli("a wooden chair", "--tiny", "-o", "chair.glb", "--seed", "3", "--resolution", "64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.glb"]  # nothing else written
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("chair.glb: ") and "seed 3" in summary and "vertices" in summary
+    scene = trimesh.load_scene(tmp_path / "chair.glb")
+    (mesh,) = scene.geometry.values()
+    colours = mesh.visual.vertex_attributes["color"]
+    assert len(mesh.faces) > 100 and colours[:, :3].std(axis=0).min() > 1
+
+
+@pytest.mark.timeout(300)
+def test_format_from_flag(tmp_path):
+    result = run_cli("a lamp", "--tiny", "--format", "stl", "--resolution", "32", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert trimesh.load(tmp_path / "mesh.stl").faces.shape[0] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["   ", "--tiny"], "prompt is empty"),
+    (["a chair", "--tiny", "--seed", "-5"], "seed must be between"),
+    (["a chair", "--tiny", "--resolution", "9999"], "resolution must be between"),
+    (["a chair", "--tiny", "-o", "x.fbx"], "unknown format"),
+])
+def test_bad_input_exits_with_a_message(tmp_path, args, message):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_without_weights_explains(tmp_path):
+    result = run_cli("a chair", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    assert "hf download" in result.stderr and "--tiny" in result.stderr
