@@ -364,7 +364,7 @@ class TriplaneTurboPipeline:
             axis = self.fields.grid_axis(r)
             points = axis[index]  # [M, 3] world coordinates of those grid points
             values = []
-            for chunk in points.split(262144):
+            for chunk in points.split(self.config.field_chunk):
                 values.append(self.fields.deformation(triplane, chunk[None])[0])
             deformation[near] = torch.cat(values).float()
         return deformation

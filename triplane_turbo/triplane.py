@@ -169,13 +169,13 @@ class TriplaneFields(nn.Module):
         axis = self.grid_axis(resolution)
         return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
-    def grid_sdf(self, triplane: torch.Tensor, resolution: int, chunk: int = 16) -> torch.Tensor:
+    def grid_sdf(self, triplane: torch.Tensor, resolution: int, chunk: int = 2**21) -> torch.Tensor:
         """SDF on the R³ grid, [B, R, R, R] with ``[b, i, j, k]`` at (axis[i], axis[j], axis[k]).
 
         Separable evaluation: each plane is sampled once on its R×R lattice and pushed through the
         SDF head's first (linear, bias-free) layer; the per-point pre-activation is then the sum of
         three broadcast lattices. Matches point-wise sampling to float rounding at a fraction of the
-        cost. ``chunk`` x-slices are finished at a time to bound memory.
+        cost. About ``chunk`` points are finished at a time to bound memory.
         """
         first, rest = self.sdf_network.layers[0], self.sdf_network.layers[1:]
         axis = self.grid_axis(resolution)
@@ -183,8 +183,9 @@ class TriplaneFields(nn.Module):
         xy, xz, yz = self._projected_lattices(triplane[:, :3], u, first.weight)  # [B, R, R, K] each
         prior_x = axis.float() ** 2
         out = []
-        for start in range(0, resolution, chunk):
-            sl = slice(start, start + chunk)
+        slices = max(1, chunk // (resolution * resolution))
+        for start in range(0, resolution, slices):
+            sl = slice(start, start + slices)
             # pre-activation at (i, j, k) = XY[i, j] + XZ[i, k] + YZ[j, k]
             h = xy[:, sl, :, None] + xz[:, sl, None, :] + yz[:, None, :, :]
             sdf = rest(h).squeeze(-1)
