@@ -5,6 +5,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -32,3 +37,67 @@ def tiny_pipe(tiny_model_dir):
                                                  config=GenerationConfig(latent_size=16))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# The web app (tests/test_app.py, tests/test_browser.py): `python app.py --tiny` in a subprocess
+# ---------------------------------------------------------------------------------------------
+REPO = TESTS.parent
+#: Output-folder budget of the test server: room for about seven tiny results at resolution 128.
+APP_OUTPUT_MAX_BYTES = 40_000_000
+
+
+@dataclass
+class AppServer:
+    url: str
+    output_dir: Path  # TRIPLANE_TURBO_OUTPUT_DIR
+    workdir: Path  # the server's current directory: must stay empty
+    tmpdir: Path  # its TMPDIR and GRADIO_TEMP_DIR live here
+    log: Path
+    max_bytes: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """`python app.py --tiny` on a free port, configured only through its environment.
+
+    OMP_NUM_THREADS=1: on the 2-vCPU test machines torch's default two threads make the tiny
+    model 3-5x slower than one thread (measured), and the app's queue runs one generation at a time.
+    """
+    root = tmp_path_factory.mktemp("app-server")
+    workdir, output_dir, tmpdir = root / "cwd", root / "outputs", root / "tmp"
+    for folder in (workdir, tmpdir):
+        folder.mkdir()
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
+           "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),
+           "TMPDIR": str(tmpdir), "GRADIO_TEMP_DIR": str(tmpdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    log = root / "server.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--tiny"], cwd=workdir, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            text = log.read_text(errors="replace")
+            if "Running on local URL" in text and "model ready" in text:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the app did not start (exit code {proc.poll()}):\n{text[-4000:]}")
+            time.sleep(0.3)
+        yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
