@@ -384,11 +384,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tiny:
         from triplane_turbo.tiny import tiny_pipeline as factory
+
+        loading = "Building the tiny offline model…"
     else:
         from triplane_turbo import TriplaneTurboPipeline
 
         factory = TriplaneTurboPipeline.from_pretrained  # on the CPU; moved to the GPU per generation
-    demo = build_demo(ModelLoader(factory), args.output_dir, tiny=args.tiny, device=args.device,
+        loading = ("Loading the model weights… The first start downloads about 3.6 GB from the Hugging Face Hub "
+                   "(Stable Diffusion 2.1-base and the TriplaneTurbo adapter); later starts use the cache.")
+    logger.info(loading)
+    demo = build_demo(ModelLoader(factory, loading_message=loading), args.output_dir, tiny=args.tiny, device=args.device,
                       max_bytes=args.max_output_gb * 1e9, max_age_s=args.max_output_age_hours * 3600)
     demo.launch(share=args.share, **launch_kwargs(args.output_dir))
 

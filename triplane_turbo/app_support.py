@@ -44,8 +44,10 @@ class ModelNotReadyError(RuntimeError):
 class ModelLoader:
     """Calls ``factory()`` once (in a background thread by default) and hands out its pipeline."""
 
-    def __init__(self, factory: Callable[[], object], *, background: bool = True):
+    def __init__(self, factory: Callable[[], object], *, background: bool = True,
+                 loading_message: str = "Loading the model weights…"):
         self._factory, self.pipe, self.error = factory, None, None
+        self.loading_message = loading_message
         self._done = threading.Event()
         if background:
             threading.Thread(target=self._load, name="weights-loader", daemon=True).start()
@@ -85,7 +87,7 @@ class ModelLoader:
     def status(self) -> str:
         """One line (Markdown) on the state of the weights."""
         if not self._done.is_set():
-            return "Loading the model weights…"
+            return self.loading_message
         if self.error is not None:
             return f"**The model could not be loaded:** {self.error}"
         return f"Model ready (weights `{self.pipe.revision}`)."
