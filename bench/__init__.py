@@ -1,0 +1,1 @@
+"""Benchmark scripts; figures are recorded in BENCHMARKS.md at the repository root."""
