@@ -286,8 +286,10 @@ def on_zero_gpu() -> bool:
 def speed_note(tiny: bool, device: str | None) -> str:
     if on_zero_gpu() or (device != "cpu" and torch.cuda.is_available()):
         return "Running on a GPU: a generation takes about a second (plus any wait in the queue)."
-    return (f"Running on CPU: about {'1–3' if tiny else '15–40'} s per model "
-            "(about a second on a GPU).")
+    if tiny:
+        return "Running on CPU: about 1–3 s per model (the tiny demo model)."
+    return ("Running on CPU: one model takes minutes here (about 2 min on a 2-core server CPU; "
+            "about a second on a GPU). Progress is shown while it works.")
 
 
 def build_demo(model, output_dir, *, tiny: bool | None = None, device: str | None = None,
