@@ -392,7 +392,7 @@ def main(argv=None) -> None:
         from triplane_turbo import TriplaneTurboPipeline
 
         factory = TriplaneTurboPipeline.from_pretrained  # on the CPU; moved to the GPU per generation
-        loading = ("Loading the model weights… The first start downloads about 3.6 GB from the Hugging Face Hub "
+        loading = ("Loading the model weights… The first start downloads about 5.3 GB from the Hugging Face Hub "
                    "(Stable Diffusion 2.1-base and the TriplaneTurbo adapter); later starts use the cache.")
     logger.info(loading)
     demo = build_demo(ModelLoader(factory, loading_message=loading), args.output_dir, tiny=args.tiny, device=args.device,

@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m triplane_turbo",
         description="Generate a textured 3D mesh from a text prompt with TriplaneTurbo.",
-        epilog=(f"Weights: the base model ({DEFAULT_BASE_MODEL}, about 3.5 GB) and the adapter "
+        epilog=(f"Weights: the base model ({DEFAULT_BASE_MODEL}, about 5.2 GB) and the adapter "
                 f"({DEFAULT_ADAPTER_REPO}, about 90 MB) are downloaded from the Hugging Face Hub on first "
                 f"use and cached; {ENV_BASE_MODEL} / {ENV_ADAPTER} point to other repos or local paths. "
                 "--tiny needs no download (random weights: the shapes are meaningless)."),
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = tiny_pipeline(device=device, dtype=dtype)
         else:
             if not args.quiet:
-                print("Loading weights (the first run downloads about 3.6 GB from the Hugging Face Hub)...",
+                print("Loading weights (the first run downloads about 5.3 GB from the Hugging Face Hub)...",
                       file=sys.stderr)
             pipe = TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype)
     except WeightsNotAvailableError as exc:

@@ -67,7 +67,7 @@ def resolve_base_model(source: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    logger.info("Fetching base model %s (about 3.5 GB the first time; cached afterwards)", source)
+    logger.info("Fetching base model %s (about 5.2 GB the first time; cached afterwards)", source)
     try:
         return Path(snapshot_download(source, revision=revision, allow_patterns=BASE_MODEL_FILES))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
