@@ -278,12 +278,12 @@ def dense_fields(fields, triplane, resolution: int, chunk: int = BASELINE_CHUNK)
 
 def generate_baseline(pipe, prompt: str, seed: int, resolution: int, glb: Path):
     """The authors' computation (see the module docstring). Returns (timings, triplane, mesh, sdf)."""
-    import numpy as np
     import torch
     import trimesh
 
     from triplane_turbo.export import export_mesh
     from triplane_turbo.isosurface import marching_cubes
+    from triplane_turbo.texture import vertex_colors
 
     t: dict[str, float] = {}
     device = pipe.device
@@ -302,10 +302,7 @@ def generate_baseline(pipe, prompt: str, seed: int, resolution: int, glb: Path):
             mesh = trimesh.Trimesh(vertices, faces, process=False)
         with _timer(t, "color", device):
             if len(mesh.vertices):
-                points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)[None]
-                rgb = pipe.fields.color(triplane.float(), points)[0].clamp(0, 1).cpu().numpy()
-                rgba = np.concatenate([np.round(rgb * 255), np.full((len(rgb), 1), 255)], 1)
-                mesh.visual.vertex_colors = rgba.astype(np.uint8)
+                mesh.visual.vertex_colors = vertex_colors(pipe.fields, triplane, mesh.vertices)
         with _timer(t, "export", device):
             if len(mesh.faces):
                 export_mesh(mesh, glb)

@@ -23,6 +23,7 @@ from . import adapter as peta
 from . import hub
 from .config import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION, NUM_PLANES, GenerationConfig, WeightSources
 from .isosurface import marching_cubes, remove_floaters, simplify
+from .texture import vertex_colors
 from .triplane import Fields, TriplaneFields
 
 logger = logging.getLogger(__name__)
@@ -333,10 +334,7 @@ class TriplaneTurboPipeline:
                 callback("isosurface", b + 1, triplane.shape[0])
             with _timer(timings, "color"):
                 if len(mesh.vertices):
-                    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=triplane.device)[None]
-                    rgb = self.fields.color(triplane[b:b + 1], points)[0].clamp(0, 1)
-                    rgba = np.concatenate([np.round(rgb.cpu().numpy() * 255), np.full((len(rgb), 1), 255)], 1)
-                    mesh.visual.vertex_colors = rgba.astype(np.uint8)
+                    mesh.visual.vertex_colors = vertex_colors(self.fields, triplane[b:b + 1], mesh.vertices)
             if callback:
                 callback("color", b + 1, triplane.shape[0])
             meshes.append(mesh)
