@@ -185,9 +185,9 @@ class TriplaneTurboPipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TriplaneTurboPipeline":
         """Move the networks to ``device`` and cast them to ``dtype`` (fields stay float32)."""
         for module in (self.text_encoder, self.unet, self.vae):
-            # (skipping a no-op cast also keeps diffusers from warning about it)
-            cast = dtype if dtype is not None and dtype != module.dtype else None
-            module.to(*(a for a in (device, cast) if a is not None))
+            # nn.Module.to: diffusers' override warns on every dtype cast about "modules to keep in
+            # float32" even when the list is empty, as it is for SD's UNet and VAE.
+            torch.nn.Module.to(module, *(a for a in (device, dtype) if a is not None))
         if device is not None:
             self.fields.to(device)
         return self
