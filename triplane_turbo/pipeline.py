@@ -231,7 +231,7 @@ class TriplaneTurboPipeline:
         """Initial noise [6B, 4, h, w]; row 6b+p is plane p of object b.
 
         Drawn on the generator's device (the CPU for a seed), then moved to the pipeline's device, so
-        a seed gives the same latents — hence the same mesh — on every device. (The reference draws on
+        a seed gives the same latents on every device (and, in the same dtype, the same mesh up to kernel rounding). (The reference draws on
         the pipeline's device, so its CUDA results differ from its CPU results for one seed.)
         """
         h = height or self.config.latent_size
