@@ -21,7 +21,14 @@ def make_hub_cache(cache, tiny_model_dir):
     for repo, commit in (("models--test--base", BASE_COMMIT), ("models--test--adapter", ADAPTER_COMMIT)):
         (cache / repo / "refs").mkdir(parents=True)
         (cache / repo / "refs" / "main").write_text(commit)
-    shutil.copytree(base_dir, cache / "models--test--base" / "snapshots" / BASE_COMMIT)
+    # only the files the download would fetch: loading from them proves they are enough
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot = cache / "models--test--base" / "snapshots" / BASE_COMMIT
+    files = [p.relative_to(base_dir).as_posix() for p in base_dir.rglob("*") if p.is_file()]
+    for name in filter_repo_objects(files, allow_patterns=BASE_MODEL_FILES):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(base_dir / name, snapshot / name)
     snapshot = cache / "models--test--adapter" / "snapshots" / ADAPTER_COMMIT
     snapshot.mkdir(parents=True)
     shutil.copy(adapter_file, snapshot / DEFAULT_ADAPTER_FILENAME)
@@ -55,11 +62,31 @@ def test_environment_variables_choose_the_weights(hub_cache, monkeypatch):
     assert pipe.spec.out_channels == 16  # the tiny adapter, not the published one
 
 
+#: The files of stabilityai/stable-diffusion-2-1-base on the Hub (weights in several variants).
+SD21_BASE_REPO_FILES = [
+    ".gitattributes", "README.md", "feature_extractor/preprocessor_config.json", "model_index.json",
+    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.safetensors", "v2-1_512-ema-pruned.ckpt", "v2-1_512-ema-pruned.safetensors",
+    "v2-1_512-nonema-pruned.ckpt", "v2-1_512-nonema-pruned.safetensors", "vae/config.json",
+    "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+]
+
+
 def test_base_model_download_fetches_only_what_is_used():
-    assert "unet/diffusion_pytorch_model.safetensors" in BASE_MODEL_FILES
-    assert not any(p.startswith("vae_encoder") or p.endswith((".bin", ".ckpt")) or "fp16" in p or "ema" in p
-                   for p in BASE_MODEL_FILES)
-    assert not any("safety_checker" in p or "feature_extractor" in p for p in BASE_MODEL_FILES)
+    from huggingface_hub.utils import filter_repo_objects
+
+    kept = set(filter_repo_objects(SD21_BASE_REPO_FILES, allow_patterns=BASE_MODEL_FILES))
+    assert kept == {
+        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    }
 
 
 def test_offline_with_nothing_cached_says_what_to_do(tmp_path, monkeypatch):

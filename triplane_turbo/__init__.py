@@ -1,9 +1,10 @@
 """TriplaneTurbo: instant text-to-mesh with Stable Diffusion 2.1 and the PETA triplane adapter.
 
 >>> from triplane_turbo import TriplaneTurboPipeline
+>>> from triplane_turbo.export import export_mesh
 >>> pipe = TriplaneTurboPipeline.from_pretrained(device="cuda")
 >>> out = pipe("a wooden chair", seed=42)
->>> out.meshes[0].export("chair.glb")
+>>> export_mesh(out.meshes[0], "chair.glb")  # +Y up, colours that render
 
 Heavy dependencies (diffusers, transformers, peft) are imported when a pipeline is built, and
 nothing GPU-specific is imported at module import time.

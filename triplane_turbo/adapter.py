@@ -72,11 +72,6 @@ class AdapterSlot:
     def prefix(self) -> str:
         return f"{GROUP_PREFIX}{self.index}."
 
-    @property
-    def local_path(self) -> str:
-        """Path inside the UNet / VAE (without the ``unet.``/``vae.`` prefix)."""
-        return self.module_path.split(".", 1)[1]
-
 
 def _is_conv(module) -> bool:
     # a plain Conv2d, or one already wrapped by peft (after attach_adapter)
@@ -212,7 +207,7 @@ def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict
         if slot.kind == SELF_ATTN:
             for plane, half in _planes_in_registration_order():
                 for proj, attr in PROJECTIONS.items():
-                    lin = _get(m, attr)
+                    lin = m.get_submodule(attr)
                     # the hexa output LoRA acts on the projected output (CHECKPOINT.md §6.4)
                     d_in = lin.out_features if proj == "to_out" else lin.in_features
                     add(f"{proj}_{plane}_lora_{half}.down.weight", (spec.self_rank, d_in))
@@ -220,7 +215,7 @@ def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict
         elif slot.kind in (CROSS_ATTN, VAE_ATTN):
             r = spec.cross_rank if slot.kind == CROSS_ATTN else spec.self_rank  # VAE uses the self rank
             for proj, attr in PROJECTIONS.items():
-                lin = _get(m, attr)
+                lin = m.get_submodule(attr)
                 add(f"{proj}_lora.down.weight", (r, lin.in_features))
                 add(f"{proj}_lora.up.weight", (lin.out_features, r))
         elif slot.kind in (UNET_LOCON, VAE_LOCON):
@@ -242,12 +237,6 @@ def _planes_in_registration_order():
     for plane in ("xy", "xz", "yz"):
         for half in ("geo", "tex"):
             yield plane, half
-
-
-def _get(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], layout: dict, source: str) -> None:
@@ -431,7 +420,7 @@ def load_adapter_weights(unet: nn.Module, vae: nn.Module, slots: list[AdapterSlo
         if slot.kind == SELF_ATTN:
             for p, (plane, half) in enumerate(PLANES):
                 for proj, attr in PROJECTIONS.items():
-                    layer = _get(slot.module, attr)
+                    layer = slot.module.get_submodule(attr)
                     copy(layer.down, sd[f"{proj}_{plane}_lora_{half}.down.weight"], p)
                     copy(layer.up, sd[f"{proj}_{plane}_lora_{half}.up.weight"], p)
         elif slot.kind in (CROSS_ATTN, VAE_ATTN):
