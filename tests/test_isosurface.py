@@ -1,14 +1,20 @@
-"""Tests of triplane_turbo.isosurface against analytic SDFs and hand-computed DiffMC positions."""
+"""Tests of triplane_turbo.isosurface against analytic SDFs, hand-computed DiffMC positions and PyMCubes."""
 
 from __future__ import annotations
 
+import mcubes
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from triplane_turbo.isosurface import (
+    CUBE_CORNERS,
+    EDGE_AXES,
+    EDGE_STARTS,
     EmptySurfaceWarning,
+    case_table,
+    extract_surface,
     marching_cubes,
     remove_floaters,
     simplify,
@@ -243,3 +249,76 @@ def test_simplify_reaches_target_and_keeps_orientation(target):
     assert simplify(mesh, len(mesh.faces) + 10) is mesh  # already small enough
     empty = trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64))
     assert len(simplify(empty, 100).faces) == 0
+
+
+# --- the torch marching cubes against PyMCubes, the library its case table comes from ---------------
+
+def _pymcubes_reference(sdf: np.ndarray, isovalue: float = 0.0):
+    """PyMCubes on the padded grid: vertices in unpadded grid index units, faces wound outward."""
+    padded = np.pad(sdf.astype(np.float64), 1, constant_values=isovalue + 1.0)
+    verts, faces = mcubes.marching_cubes(padded, isovalue)
+    return np.asarray(verts) - 1.0, np.asarray(faces, dtype=np.int64)[:, ::-1]
+
+
+def _triangles(vertices: np.ndarray, faces: np.ndarray) -> list[tuple]:
+    """Each triangle as its corner positions, rotated to start at the smallest corner (winding kept),
+    sorted: equal lists mean the same triangles with the same orientation, whatever the numbering."""
+    out = []
+    for tri in np.round(vertices[faces], 9).tolist():
+        first = min(range(3), key=lambda k: tri[k])
+        out.append(tuple(map(tuple, tri[first:] + tri[:first])))
+    return sorted(out)
+
+
+def test_case_table_triangles_lie_on_crossed_edges():
+    table = case_table().numpy()
+    assert table.shape == (256, 15)
+    assert (table[0] == -1).all() and (table[255] == -1).all()
+    counts = (table >= 0).sum(1)
+    assert (counts % 3 == 0).all() and counts[1:255].min() == 3 and counts.max() == 15
+    for case in range(256):
+        low = [case >> k & 1 for k in range(8)]
+        for e in table[case][table[case] >= 0]:
+            a = CUBE_CORNERS.index(EDGE_STARTS[e])
+            end = list(EDGE_STARTS[e])
+            end[EDGE_AXES[e]] = 1
+            b = CUBE_CORNERS.index(tuple(end))
+            assert low[a] != low[b], f"case {case}: edge {e} does not cross the surface"
+        tris = table[case][table[case] >= 0].reshape(-1, 3)
+        assert all(len(set(t)) == 3 for t in tris.tolist())
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "integers with exact zeros", "sphere"])
+def test_whole_grids_give_pymcubes_triangles(kind):
+    rng = np.random.default_rng(7)
+    if kind == "gaussian":
+        sdf = rng.normal(size=(13, 13, 13)).astype(np.float32)
+    elif kind == "integers with exact zeros":  # ties: s == iso sides with s < iso, as in PyMCubes
+        sdf = rng.integers(-2, 3, (11, 11, 11)).astype(np.float32)
+    else:
+        sdf = sphere_sdf(0.55, center=(0.1, 0.0, -0.05))
+    surface = extract_surface(torch.from_numpy(sdf))
+    ref_v, ref_f = _pymcubes_reference(sdf)
+    assert len(surface.faces) == len(ref_f) > 100
+    assert len(surface) == len(ref_v)  # one vertex per crossed edge, shared by its cubes
+    assert _triangles(surface.vertices().numpy(), surface.faces.numpy()) == _triangles(ref_v, ref_f)
+
+
+def test_surface_corners_are_the_ends_of_the_vertex_edges():
+    sdf = (X - 0.3).astype(np.float32)  # touches the border: some edges end in the padding
+    surface = extract_surface(torch.from_numpy(sdf))
+    start = surface.edge_start.numpy()
+    end = start + np.eye(3, dtype=np.int64)[surface.edge_axis.numpy()]
+    corners = surface.corners.numpy()
+    assert ((corners >= 0) & (corners < R)).all()
+    assert len(np.unique(corners, axis=0)) == len(corners)
+    padded_row = np.vstack([corners, [[-9, -9, -9]]])  # slot K: the padding
+    for slot, point in ((0, start), (1, end)):
+        got = padded_row[surface.corner_slots[:, slot].numpy()]
+        in_grid = ((point >= 0) & (point < R)).all(1)
+        np.testing.assert_array_equal(got[in_grid], point[in_grid])
+        assert (got[~in_grid] == -9).all()
+    assert (~((start >= 0) & (start < R)).all(1)).any()  # the cap edges were exercised
+    # vertices lie on their edges, between the two ends
+    t = surface.t.numpy()
+    assert ((t >= 0) & (t <= 1)).all()

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from triplane_turbo import TriplaneTurboPipeline
+from triplane_turbo.isosurface import extract_surface, marching_cubes
 
 from .conftest import FIXTURE_A
 
@@ -142,20 +143,24 @@ def test_grid_fields(fast_pipe, golden):
                  "grid_deformation")
 
 
-def test_surface_deformation_matches_golden_where_marching_cubes_reads_it(fast_pipe, golden):
+def test_sparse_deformation_meshes_as_the_golden_dense_grids(fast_pipe, golden):
+    """The pipeline evaluates the deformation only at the ends of crossed edges; meshing with it must
+    give the mesh of the golden SDF and the golden dense deformation grid, vertex for vertex."""
     sdf = golden["grid_sdf"][0]
-    sparse = fast_pipe._surface_deformation(golden["triplane"], sdf)
-    evaluated = sparse.abs().sum(-1) > 0
-    assert 0 < evaluated.sum() < evaluated.numel()  # it did skip the far field
-    assert_close(sparse[evaluated], golden["grid_deformation"][0][evaluated], "grid_deformation (near surface)")
-    # every grid point with a sign change to a neighbour was evaluated
-    inside = sdf < 0
-    crossing = torch.zeros_like(inside)
-    for axis in range(3):
-        diff = inside.narrow(axis, 1, inside.shape[axis] - 1) != inside.narrow(axis, 0, inside.shape[axis] - 1)
-        crossing.narrow(axis, 1, inside.shape[axis] - 1).logical_or_(diff)
-        crossing.narrow(axis, 0, inside.shape[axis] - 1).logical_or_(diff)
-    assert bool((evaluated | ~crossing).all())
+    surface = extract_surface(sdf)
+    resolution = sdf.shape[0]
+    assert 0 < len(surface.corners) < resolution**3  # it skipped the points no edge reads
+    points = fast_pipe.fields.grid_axis(resolution)[surface.corners]
+    offsets = fast_pipe.fields.deformation(golden["triplane"], points[None])[0]
+    c = surface.corners
+    assert_close(offsets, golden["grid_deformation"][0][c[:, 0], c[:, 1], c[:, 2]], "grid_deformation (edge ends)")
+
+    vertices, faces = fast_pipe.mesh_surface(golden["triplane"], sdf)
+    dense_vertices, dense_faces = marching_cubes(sdf, golden["grid_deformation"][0])
+    assert len(faces) > 100
+    assert (faces == dense_faces).all()
+    cell = 2.0 / (resolution - 1)
+    assert abs(vertices - dense_vertices).max() < 1e-4 * cell
 
 
 def test_whole_chain_from_prompt_and_seed(fast_pipe, golden, prompts):

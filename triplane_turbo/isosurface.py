@@ -1,46 +1,224 @@
-"""Marching cubes with the semantics of the authors' DiffMC, on the CPU, plus mesh clean-up.
+"""Marching cubes with the semantics of the authors' DiffMC, in torch on any device, plus clean-up.
 
 The reference extracts the surface with DiffMC (a CUDA library). This module reproduces its output
-with PyMCubes and numpy:
+in plain torch, so the surface is extracted where the SDF already is (the GPU on CUDA: no grid copies
+to the host) and the deformation is needed only at the grid points that vertices use:
 
 * the SDF grid is padded by one cell with ``isovalue + 1`` (outside), so surfaces that touch the
-  grid border are closed; the deformation grid is padded with zeros;
+  grid border are closed; the deformation is zero in the padding;
 * each vertex lies on a grid edge ``a -> b`` at ``t = (iso - s_a) / (s_b - s_a)`` and is moved by
   the deformation interpolated along that edge: ``(a + d_a) + t * ((b + d_b) - (a + d_a))``;
 * grid index space ``[0, R - 1]`` maps linearly onto the bounding box.
+
+The triangles are PyMCubes': its case table is read off PyMCubes itself, one 2×2×2 call per cube
+configuration (``case_table``), and grid points with ``s <= iso`` fall on the same side as PyMCubes
+puts them. The tests compare whole grids triangle by triangle. Hand-written because no maintained
+library runs marching cubes in torch on every device without a compiled extension.
 
 Convention: ``sdf[i, j, k]`` is the value at ``(axis[i], axis[j], axis[k])``, negative inside.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import mcubes
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
 
 #: The box the grid spans when none is given: ``[-1, 1]^3``.
 DEFAULT_BBOX = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
+#: Corner k of a cube sits at offset ``CUBE_CORNERS[k]`` = (k >> 2, k >> 1 & 1, k & 1).
+CUBE_CORNERS = tuple((k >> 2, (k >> 1) & 1, k & 1) for k in range(8))
+#: Edge e of a cube runs along axis ``e // 4`` from corner offset ``EDGE_STARTS[e]``: the two
+#: other axes, in increasing order, are offset by the bits of ``e % 4``.
+EDGE_AXES = tuple(e // 4 for e in range(12))
+
+
+def _edge_start(edge: int) -> tuple[int, int, int]:
+    axis, start = edge // 4, [0, 0, 0]
+    first, second = (a for a in range(3) if a != axis)
+    start[first], start[second] = edge >> 1 & 1, edge & 1
+    return tuple(start)
+
+
+EDGE_STARTS = tuple(_edge_start(e) for e in range(12))
+#: Most triangles marching cubes puts in one cube.
+MAX_CUBE_TRIANGLES = 5
 
 
 class EmptySurfaceWarning(UserWarning):
     """The SDF has no zero crossing, so no surface could be extracted."""
 
 
-def _to_numpy(array: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """Returns a float32 numpy copy of a numpy array or a torch tensor on any device."""
-    if isinstance(array, torch.Tensor):
-        return array.detach().to(device="cpu", dtype=torch.float32).numpy()
+@functools.lru_cache(maxsize=None)
+def _case_table_numpy() -> np.ndarray:
+    """[256, 15] cube edges of each configuration's triangles (3 per triangle, -1 after the last).
+
+    Configuration bit k is set when corner k is on the low side (``s <= iso``). Read off PyMCubes:
+    a cube with values -1 (bit set) and +1 puts every vertex at an edge midpoint, which names the edge.
+    """
+    table = np.full((256, 3 * MAX_CUBE_TRIANGLES), -1, dtype=np.int64)
+    for case in range(256):
+        cube = np.array([-1.0 if case >> k & 1 else 1.0 for k in range(8)]).reshape(2, 2, 2)
+        vertices, faces = mcubes.marching_cubes(cube, 0.0)
+        edges = []
+        for corner in np.asarray(vertices):
+            axis = int(np.flatnonzero(corner == 0.5)[0])
+            start = tuple(0 if a == axis else int(c) for a, c in enumerate(corner))
+            edges.append(next(e for e in range(12) if EDGE_AXES[e] == axis and EDGE_STARTS[e] == start))
+        ids = [edges[v] for v in np.asarray(faces, dtype=np.int64).reshape(-1)]
+        table[case, :len(ids)] = ids
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def case_table(device: str = "cpu") -> torch.Tensor:
+    """PyMCubes' triangle table as an int64 tensor [256, 15] on ``device`` (see ``_case_table_numpy``)."""
+    return torch.from_numpy(_case_table_numpy()).to(device)
+
+
+@dataclass
+class SurfaceTopology:
+    """Where the vertices of an extracted surface lie, before deformation and mapping to the box.
+
+    Vertex v lies on the grid edge from ``edge_start[v]`` one step along ``edge_axis[v]``, at the
+    fraction ``t[v]`` of the edge. Indices are grid indices; -1 and R are the padding.
+
+    Attributes:
+        resolution: R, points of the grid per axis.
+        edge_start: [V, 3] int64 grid index of each vertex's edge start.
+        edge_axis: [V] int64 axis (0, 1, 2) of each vertex's edge.
+        t: [V] float64 position along the edge, in [0, 1].
+        faces: [F, 3] int64 vertex indices, wound so that normals point outward (increasing SDF).
+        corners: [K, 3] int64 the distinct grid points (padding excluded) at the ends of the vertex
+            edges: the only points where the deformation is read.
+        corner_slots: [V, 2] int64 row in ``corners`` of each edge's start and end, K for the padding.
+    """
+
+    resolution: int
+    edge_start: torch.Tensor
+    edge_axis: torch.Tensor
+    t: torch.Tensor
+    faces: torch.Tensor
+    corners: torch.Tensor
+    corner_slots: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def vertices(self, corner_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """[V, 3] float64 vertex positions in grid index units.
+
+        Args:
+            corner_offsets: [K, 3] deformation at ``corners`` in grid-cell units (None: no deformation).
+        """
+        start = self.edge_start.double()
+        step = F.one_hot(self.edge_axis, 3).double()
+        t = self.t[:, None]
+        position = start + t * step
+        if corner_offsets is not None:
+            if corner_offsets.shape != self.corners.shape:
+                raise ValueError(f"corner_offsets must have shape {list(self.corners.shape)}, "
+                                 f"got {list(corner_offsets.shape)}")
+            padded = torch.cat([corner_offsets.to(position), position.new_zeros(1, 3)])  # row K: the padding
+            d_start, d_end = padded[self.corner_slots[:, 0]], padded[self.corner_slots[:, 1]]
+            position = position + d_start + t * (d_end - d_start)
+        return position
+
+
+def _empty_topology(resolution: int, device) -> SurfaceTopology:
+    index = torch.zeros((0, 3), dtype=torch.int64, device=device)
+    return SurfaceTopology(resolution, index, index[:, 0], torch.zeros(0, dtype=torch.float64, device=device),
+                           index, index, torch.zeros((0, 2), dtype=torch.int64, device=device))
+
+
+def _as_tensor(array: np.ndarray | torch.Tensor, name: str, device=None) -> torch.Tensor:
+    """A float32 tensor from a numpy array or a tensor (kept on its device unless ``device`` is given)."""
     if isinstance(array, np.ndarray):
-        return array.astype(np.float32)
-    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+        array = torch.from_numpy(np.ascontiguousarray(array))
+    if not isinstance(array, torch.Tensor):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+    return array.detach().to(device=device if device is not None else array.device, dtype=torch.float32)
 
 
-def _validate_bbox(bbox: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+def extract_surface(sdf: torch.Tensor | np.ndarray, isovalue: float = 0.0) -> SurfaceTopology:
+    """Marching cubes on a cubic grid SDF, on the SDF's device.
+
+    Args:
+        sdf: [R, R, R] values, negative inside (cast to float32, as DiffMC reads it).
+        isovalue: the level to extract.
+    Returns:
+        The surface's topology; empty, with an ``EmptySurfaceWarning``, when the SDF does not cross
+        ``isovalue``. Vertices are ordered by edge (start point, then axis), faces by cube.
+    """
+    grid = _as_tensor(sdf, "sdf")
+    if grid.ndim != 3 or len(set(grid.shape)) != 1 or grid.shape[0] < 2:
+        raise ValueError(f"sdf must be a cubic grid [R, R, R] with R >= 2, got {list(grid.shape)}")
+    if not bool(torch.isfinite(grid).all()):
+        raise ValueError("sdf contains NaN or infinite values")
+    res, device = grid.shape[0], grid.device
+    low = grid <= isovalue
+    # DiffMC's reference swaps a grid without a sign change for a sphere; we report it instead.
+    # (With the outside padding an all-inside grid would yield the box's faces, which is not a
+    # surface the model produced.)
+    if bool(low.all()) or not bool(low.any()):
+        warnings.warn("the SDF has no zero crossing: the model produced no surface; try another seed/prompt",
+                      EmptySurfaceWarning, stacklevel=2)
+        return _empty_topology(res, device)
+
+    padded = F.pad(grid, (1, 1, 1, 1, 1, 1), value=float(isovalue) + 1.0)  # [P, P, P], P = R + 2
+    size = res + 2
+    cubes = size - 1
+    low = F.pad(low, (1, 1, 1, 1, 1, 1), value=False).to(torch.uint8)
+    case = torch.zeros((cubes,) * 3, dtype=torch.uint8, device=device)
+    for k, (di, dj, dk) in enumerate(CUBE_CORNERS):
+        case |= low[di:di + cubes, dj:dj + cubes, dk:dk + cubes] << k
+    cells = ((case != 0) & (case != 255)).nonzero()  # [M, 3], row-major: x slowest
+    edges = case_table(str(device))[case[cells[:, 0], cells[:, 1], cells[:, 2]].long()]  # [M, 15]
+    used = edges >= 0  # each row: 3·(its triangles) edges, then -1
+    local = edges.clamp(min=0)
+    starts = cells[:, None, :] + torch.tensor(EDGE_STARTS, device=device)[local]  # [M, 15, 3], padded index
+    axes = torch.tensor(EDGE_AXES, device=device)[local]
+    key = ((starts[..., 0] * size + starts[..., 1]) * size + starts[..., 2]) * 3 + axes
+    keys, inverse = torch.unique(key[used], return_inverse=True)  # one vertex per crossed edge
+    # PyMCubes winds triangles inward for negative-inside SDFs; reverse them to face outward.
+    faces = inverse.reshape(-1, 3).flip(1)
+
+    flat, axis = keys // 3, keys % 3
+    stride = torch.tensor((size * size, size, 1), device=device)
+    values = padded.reshape(-1).double()
+    s_start, s_end = values[flat], values[flat + stride[axis]]
+    t = ((isovalue - s_start) / (s_end - s_start)).clamp(0.0, 1.0)
+    start = torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1) - 1  # unpadded
+
+    ends = torch.stack([start, start + F.one_hot(axis, 3)], dim=1).reshape(-1, 3)  # [2V, 3]
+    inside = ((ends >= 0) & (ends < res)).all(dim=1)
+    point_id = (ends[:, 0] * res + ends[:, 1]) * res + ends[:, 2]
+    ids, slot = torch.unique(point_id[inside], return_inverse=True)
+    slots = torch.full((len(ends),), len(ids), dtype=torch.int64, device=device)
+    slots[inside] = slot
+    corners = torch.stack([ids // (res * res), ids // res % res, ids % res], dim=1)
+    return SurfaceTopology(res, start, axis, t, faces, corners, slots.reshape(-1, 2))
+
+
+def grid_to_world(index: torch.Tensor, resolution: int,
+                  bbox: Sequence[Sequence[float]] | np.ndarray | torch.Tensor = DEFAULT_BBOX) -> np.ndarray:
+    """Grid index coordinates [V, 3] -> float32 world coordinates (numpy) inside ``bbox``."""
+    box = torch.as_tensor(_validate_bbox(bbox), dtype=torch.float64, device=index.device)
+    world = box[0] + index.double() / (resolution - 1) * (box[1] - box[0])
+    return world.float().cpu().numpy()
+
+
+def _validate_bbox(bbox: Sequence[Sequence[float]] | np.ndarray | torch.Tensor) -> np.ndarray:
     """Returns the box as a float64 [2, 3] array (row 0 the minimum, row 1 the maximum)."""
+    if isinstance(bbox, torch.Tensor):
+        bbox = bbox.detach().cpu().numpy()
     box = np.asarray(bbox, dtype=np.float64)
     if box.shape != (2, 3):
         raise ValueError(f"bbox must have shape [2, 3] (min row, max row), got {list(box.shape)}")
@@ -49,37 +227,13 @@ def _validate_bbox(bbox: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     return box
 
 
-def _trilinear(field: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Trilinearly interpolates a vector field at points in index coordinates.
-
-    Args:
-        field: [X, Y, Z, C] values at integer grid positions.
-        points: [N, 3] positions in index units, inside ``[0, X-1] x [0, Y-1] x [0, Z-1]``.
-
-    Returns:
-        [N, C] float64 interpolated values.
-    """
-    upper = np.array(field.shape[:3]) - 2
-    # Clamp the lower corner to size - 2 so a point exactly on the last grid plane uses the cell
-    # below it with weight 1 on its upper corner, instead of indexing past the end.
-    lower = np.clip(np.floor(points).astype(np.int64), 0, upper)
-    frac = points - lower
-    out = np.zeros((len(points), field.shape[3]), dtype=np.float64)
-    for corner in np.ndindex(2, 2, 2):
-        offset = np.array(corner)
-        weight = np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=1)
-        idx = lower + offset
-        out += weight[:, None] * field[idx[:, 0], idx[:, 1], idx[:, 2]]
-    return out
-
-
 def marching_cubes(
     sdf: np.ndarray | torch.Tensor,
     deformation: np.ndarray | torch.Tensor | None = None,
     bbox: Sequence[Sequence[float]] | np.ndarray = DEFAULT_BBOX,
     isovalue: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Extracts the ``isovalue`` level set of a grid SDF, as DiffMC does.
+    """Extracts the ``isovalue`` level set of a grid SDF, as DiffMC does, on the SDF's device.
 
     Args:
         sdf: [R, R, R] signed distances, negative inside; ``sdf[i, j, k]`` is the grid point
@@ -97,52 +251,24 @@ def marching_cubes(
         Both are empty (shape [0, 3]) with an ``EmptySurfaceWarning`` when the SDF has no zero
         crossing.
     """
-    grid = _to_numpy(sdf, "sdf")
-    if grid.ndim != 3 or len(set(grid.shape)) != 1 or grid.shape[0] < 2:
-        raise ValueError(f"sdf must be a cubic grid [R, R, R] with R >= 2, got {list(grid.shape)}")
-    if not np.all(np.isfinite(grid)):
-        raise ValueError("sdf contains NaN or infinite values")
-    res = grid.shape[0]
+    grid = _as_tensor(sdf, "sdf")
     offsets = None
     if deformation is not None:
-        offsets = _to_numpy(deformation, "deformation")
-        if offsets.shape != (res, res, res, 3):
-            raise ValueError(
-                f"deformation must have shape [{res}, {res}, {res}, 3] to match the sdf, "
-                f"got {list(offsets.shape)}"
-            )
-        if not np.all(np.isfinite(offsets)):
+        offsets = _as_tensor(deformation, "deformation", grid.device)
+        if grid.ndim == 3 and offsets.shape != (*grid.shape, 3):
+            raise ValueError(f"deformation must have shape {[*grid.shape, 3]} to match the sdf, "
+                             f"got {list(offsets.shape)}")
+        if not bool(torch.isfinite(offsets).all()):
             raise ValueError("deformation contains NaN or infinite values")
-    box = _validate_bbox(bbox)
-
-    # DiffMC's reference swaps a grid without a sign change for a sphere; we report it instead.
-    # (With the outside padding an all-inside grid would yield the box's faces, which is not a
-    # surface the model produced.)
-    if not (np.any(grid < isovalue) and np.any(grid > isovalue)):
-        warnings.warn(
-            "the SDF has no zero crossing: the model produced no surface; "
-            "try another seed/prompt",
-            EmptySurfaceWarning,
-            stacklevel=2,
-        )
+    _validate_bbox(bbox)
+    topology = extract_surface(grid, isovalue)
+    if not len(topology):
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
-
-    padded = np.pad(grid.astype(np.float64), 1, mode="constant", constant_values=isovalue + 1.0)
-    # PyMCubes returns undeformed vertices a + t (b - a) in padded index units.
-    verts, faces = mcubes.marching_cubes(padded, float(isovalue))
-    verts = np.asarray(verts, dtype=np.float64)
-    # With negative inside, PyMCubes winds triangles inward; reverse them to face outward.
-    faces = np.asarray(faces, dtype=np.int64)[:, ::-1].copy()
-
-    if offsets is not None and len(verts):
-        padded_offsets = np.pad(offsets.astype(np.float64), ((1, 1), (1, 1), (1, 1), (0, 0)))
-        # A vertex sits on a grid edge (two integer coordinates), so trilinear interpolation at
-        # it reduces to DiffMC's linear interpolation of the two endpoint offsets along the edge.
-        verts = verts + _trilinear(padded_offsets, verts)
-
-    unit = (verts - 1.0) / (res - 1)  # undo the padding shift, then grid index -> [0, 1]
-    world = box[0] + unit * (box[1] - box[0])
-    return world.astype(np.float32), faces
+    if offsets is not None:
+        c = topology.corners
+        offsets = offsets[c[:, 0], c[:, 1], c[:, 2]]
+    vertices = grid_to_world(topology.vertices(offsets), topology.resolution, bbox)
+    return vertices, topology.faces.cpu().numpy()
 
 
 def remove_floaters(mesh: trimesh.Trimesh, min_fraction: float = 0.05) -> trimesh.Trimesh:

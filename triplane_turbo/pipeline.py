@@ -22,7 +22,7 @@ import trimesh
 from . import adapter as peta
 from . import hub
 from .config import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION, NUM_PLANES, GenerationConfig, WeightSources
-from .isosurface import marching_cubes, remove_floaters, simplify
+from .isosurface import extract_surface, grid_to_world, remove_floaters, simplify
 from .texture import vertex_colors
 from .triplane import Fields, TriplaneFields
 
@@ -307,24 +307,23 @@ class TriplaneTurboPipeline:
                        callback: ProgressCallback | None = None, timings: dict | None = None) -> list[trimesh.Trimesh]:
         """Triplane [B, 6, C, H, W] -> one vertex-coloured mesh per object (model frame).
 
-        The SDF is evaluated on the R³ grid, the deformation only at grid points next to the surface
-        (the only ones marching cubes reads), then marching cubes, optional clean-up, and colours
-        queried at the final vertices. An object whose SDF has no zero crossing gives an empty mesh
-        and an ``EmptySurfaceWarning``.
+        The SDF is evaluated on the R³ grid and meshed by marching cubes on the fields' device; the
+        deformation is evaluated only at the grid points at the ends of the crossed edges (the only
+        ones marching cubes reads), then optional clean-up, and colours queried at the final
+        vertices. An object whose SDF has no zero crossing gives an empty mesh and an
+        ``EmptySurfaceWarning``.
         """
         resolution = validate_resolution(self.config.mesh_resolution if resolution is None else resolution)
         timings = {} if timings is None else timings
         triplane = triplane.to(self.fields.bbox.device)
         with _timer(timings, "fields"):
-            sdf = self.fields.grid_sdf(triplane, resolution, self.config.field_chunk)
+            sdf = self.fields.grid_sdf(triplane, resolution, self._field_chunk())
         if callback:
             callback("fields", 1, 1)
         meshes = []
-        bbox = self.fields.bbox.cpu().numpy()
         for b in range(triplane.shape[0]):
             with _timer(timings, "isosurface"):
-                deformation = self._surface_deformation(triplane[b:b + 1], sdf[b])
-                vertices, faces = marching_cubes(sdf[b], deformation, bbox)
+                vertices, faces = self.mesh_surface(triplane[b:b + 1], sdf[b])
                 mesh = trimesh.Trimesh(vertices, faces, process=False)
                 if len(mesh.faces) and remove_floaters_below:
                     mesh = remove_floaters(mesh, remove_floaters_below)
@@ -340,32 +339,32 @@ class TriplaneTurboPipeline:
             meshes.append(mesh)
         return meshes
 
-    def _surface_deformation(self, triplane: torch.Tensor, sdf: torch.Tensor) -> torch.Tensor:
-        """Deformation [R, R, R, 3], evaluated only where marching cubes uses it (zeros elsewhere).
+    @torch.inference_mode()
+    def mesh_surface(self, triplane: torch.Tensor, sdf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One object's grid SDF [R, R, R] -> deformed vertices [V, 3] float32 (world) and faces [F, 3].
 
-        Marching cubes reads the deformation at both ends of every edge whose SDF changes sign, the
-        edges into the one-cell padding (whose SDF is positive) included.
+        Marching cubes runs where ``sdf`` is; the deformation head is evaluated at the grid points
+        the vertices' edges end at (a few percent of the grid), which gives exactly the vertices of
+        meshing the dense deformation grid.
+
+        Args:
+            triplane: [1, 6, C, H, W], the object's planes.
+            sdf: [R, R, R] its grid SDF (``TriplaneFields.grid_sdf``).
         """
-        inside = sdf < 0
-        padded = torch.nn.functional.pad(inside[None, None].float(), (1, 1, 1, 1, 1, 1), value=0.0)[0, 0] > 0.5
-        near = torch.zeros_like(inside)
-        r = sdf.shape[0]
-        core = (slice(1, r + 1),) * 3
-        for axis in range(3):
-            for shift in (-1, 1):
-                neighbour = torch.roll(padded, shift, dims=axis)[core]
-                near |= neighbour != inside
-        near |= sdf == 0
-        deformation = torch.zeros((*sdf.shape, 3), dtype=torch.float32, device=sdf.device)
-        index = near.nonzero()
-        if len(index):
-            axis = self.fields.grid_axis(r)
-            points = axis[index]  # [M, 3] world coordinates of those grid points
-            values = []
-            for chunk in points.split(self.config.field_chunk):
-                values.append(self.fields.deformation(triplane, chunk[None])[0])
-            deformation[near] = torch.cat(values).float()
-        return deformation
+        surface = extract_surface(sdf)
+        if not len(surface):
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64)
+        points = self.fields.grid_axis(surface.resolution)[surface.corners.to(self.fields.bbox.device)]  # [K, 3]
+        offsets = torch.cat([self.fields.deformation(triplane, chunk[None])[0]
+                             for chunk in points.split(self._field_chunk())])
+        vertices = grid_to_world(surface.vertices(offsets.to(surface.t.device)), surface.resolution, self.fields.bbox)
+        return vertices, surface.faces.cpu().numpy()
+
+    def _field_chunk(self) -> int:
+        if self.config.field_chunk is not None:
+            return self.config.field_chunk
+        # Cache-sized pieces on the CPU (the field MLPs are memory-bound there); few, large ones on a GPU.
+        return 2**22 if self.fields.bbox.device.type == "cuda" else 2**16
 
     # ---------------------------------------------------------------------------------------------
     # Everything at once
