@@ -31,7 +31,7 @@ import torch
 from triplane_turbo.config import MAX_SEED
 from triplane_turbo.app_support import ModelLoader, ModelNotReadyError, ResultStore
 from triplane_turbo.export import FORMATS
-from triplane_turbo.pipeline import PromptTruncatedWarning
+from triplane_turbo.pipeline import PromptTruncatedWarning, default_dtype
 
 logger = logging.getLogger("triplane_turbo.app")
 
@@ -199,8 +199,9 @@ class TriplaneTurboApp:
 
         progress((0, len(stages)), desc=stages["text"])
         try:
-            if pipe.device != device:  # weights load on the CPU; CUDA runs in float16
-                pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+            dtype = default_dtype(device)  # weights load on the CPU in float32; CUDA runs in float16
+            if pipe.device != device or pipe.dtype != dtype:
+                pipe.to(device, dtype)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 out = pipe(prompt, seed=seed, mesh_resolution=resolution, callback=report,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triplane_turbo import PromptTruncatedWarning
+from triplane_turbo import PromptTruncatedWarning, default_dtype
 from triplane_turbo.config import MAX_SEED
 from triplane_turbo.isosurface import EmptySurfaceWarning
 
@@ -104,6 +104,30 @@ def test_bfloat16_runs_and_stays_close(tiny_pipe):
     assert low.triplane.dtype == torch.bfloat16 and len(low.meshes[0].faces) > 0
     error = (low.triplane.float() - ref.triplane).abs().max() / ref.triplane.abs().max()
     assert error < 0.1
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                     (False, True, torch.bfloat16)])
+def test_default_dtype_follows_the_hardware(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert default_dtype("cpu") is expected
+    assert default_dtype(torch.device("cpu")) is expected
+    assert default_dtype("cuda") is torch.float16 and default_dtype("cuda:1") is torch.float16
+
+
+def test_default_dtype_survives_a_failing_probe(monkeypatch):
+    def broken():
+        raise RuntimeError("cpuinfo unavailable")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert default_dtype("cpu") is torch.float32
+
+
+def test_convolutions_run_channels_last(tiny_pipe):
+    for conv in (tiny_pipe.unet.conv_in, tiny_pipe.unet.up_blocks[-1].resnets[0].conv1, tiny_pipe.vae.decoder.conv_out):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()  # a real NHWC layout, not a 1x1 coincidence
 
 
 def test_reduced_precision_error_on_fixture_a():

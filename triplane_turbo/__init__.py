@@ -13,7 +13,7 @@ nothing GPU-specific is imported at module import time.
 from .adapter import AdapterSpec, CheckpointMismatchError
 from .config import GenerationConfig, WeightSources
 from .hub import WeightsNotAvailableError
-from .pipeline import PromptTruncatedWarning, TriplaneTurboOutput, TriplaneTurboPipeline
+from .pipeline import PromptTruncatedWarning, TriplaneTurboOutput, TriplaneTurboPipeline, default_dtype
 from .triplane import Fields, TriplaneFields
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "TriplaneTurboPipeline",
     "WeightSources",
     "WeightsNotAvailableError",
+    "default_dtype",
 ]
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="network precision (auto: float16 on cuda, float32 on cpu)")
+                        help="network precision (auto: float16 on cuda; on cpu bfloat16 where the CPU has native bfloat16, else float32)")
     parser.add_argument("--tiny", action="store_true", help="offline tiny random model, no download")
     parser.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
     parser.add_argument("--adapter", default=None, help=f"Hub id, .pth file or folder (env {ENV_ADAPTER})")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import TriplaneTurboPipeline
     from .export import export_mesh
     from .hub import WeightsNotAvailableError
-    from .pipeline import validate_prompts, validate_resolution, validate_seed
+    from .pipeline import default_dtype, validate_prompts, validate_resolution, validate_seed
 
     try:  # check the cheap things before loading gigabytes
         validate_prompts(args.prompt)
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
 
     start = time.perf_counter()
     try:
