@@ -219,7 +219,7 @@ def test_nothing_is_written_outside_the_output_folder(app_server):
 # Handlers on stub pipelines: loading, load failures, CUDA out of memory, no surface
 # ---------------------------------------------------------------------------------------------
 class StubPipe:
-    revision, device, config = "stub", torch.device("cpu"), GenerationConfig()
+    revision, device, dtype, config = "stub", torch.device("cpu"), torch.float32, GenerationConfig()
 
     def __init__(self, run):
         self.run = run

@@ -39,7 +39,7 @@ class GenerationConfig:
         mesh_resolution: marching-cubes grid points per axis (reference: 160).
         sphere_radius: radius of the SDF's sphere prior, ``sdf = mlp(f) + (|p| - radius)``.
         field_chunk: grid points evaluated at once; bounds memory at high resolutions. None picks
-            per device: 2^16 on the CPU (cache-sized), 2^22 on CUDA (few kernel launches).
+            per device: 2^16 on the CPU (cache-sized), 2^21 on CUDA (few launches, ~0.5 GB per buffer).
     """
 
     num_steps: int = 4

@@ -388,7 +388,7 @@ class TriplaneTurboPipeline:
         if self.config.field_chunk is not None:
             return self.config.field_chunk
         # Cache-sized pieces on the CPU (the field MLPs are memory-bound there); few, large ones on a GPU.
-        return 2**22 if self.fields.bbox.device.type == "cuda" else 2**16
+        return 2**21 if self.fields.bbox.device.type == "cuda" else 2**16
 
     # ---------------------------------------------------------------------------------------------
     # Everything at once
