@@ -4,11 +4,13 @@
 Each variant runs in its own child process (so that peak RSS is that variant's own):
 
 * ``ours``: the library's defaults — fused SDPA for the joint six-plane attention, shared LoRA/LoCON
-  merged into the base weights, SDF on the grid by separable interpolation, deformation only next to
-  the surface — in the chosen dtype;
-* ``baseline``: what the authors' code computes, with the library's modules: float32, explicit
-  softmax(QKᵀ)V attention, LoRA not merged, SDF and deformation at every one of the R³ grid points
-  (point-wise plane sampling, in chunks), marching cubes, colours at the vertices, GLB export.
+  merged into the base weights, channels-last convolutions, SDF on the grid by separable
+  interpolation, marching cubes on the SDF's device, deformation only at the ends of crossed edges —
+  in the chosen dtype;
+* ``baseline``: what the authors' code computes, with the library's modules: float32, NCHW
+  convolutions, explicit softmax(QKᵀ)V attention, LoRA not merged, SDF and deformation at every one
+  of the R³ grid points (point-wise plane sampling, in chunks), marching cubes on the dense grids,
+  colours at the vertices, GLB export.
 
 Both are built from the same random weights (the full Stable Diffusion 2.1-base architecture; no
 download), so the outputs can be compared; the parent process combines the two reports.
@@ -62,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=("examples:\n"
                 "  python bench/pipeline.py --small --runs 2            # seconds: checks the harness\n"
                 "  python bench/pipeline.py --device cpu --runs 3 --json cpu.json --record BENCHMARKS.md\n"
-                "  python bench/pipeline.py --device cuda --runs 10 --json cuda.json --record BENCHMARKS.md"),
+                "  python bench/pipeline.py --device cuda --runs 10 --json cuda.json --record BENCHMARKS.md\n"
+                "  python bench/pipeline.py --from-json cuda.json --record BENCHMARKS.md  # record a copied result"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -80,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--record", type=Path, metavar="BENCHMARKS.md",
                         help="append one table row to this markdown file (created with its header if missing)")
     parser.add_argument("--note", default="", help="free text for the recorded row's note column")
+    parser.add_argument("--from-json", type=Path, metavar="RESULT.json",
+                        help="run nothing: print the summary of a result written earlier by --json (say, on a "
+                             "GPU machine) and, with --record, add its row")
     parser.add_argument("--small", action="store_true",
                         help="use the tiny architecture of triplane_turbo.tiny (a smoke test of the harness, "
                              "not a benchmark)")
@@ -229,7 +235,7 @@ def build_pipeline(variant: str, small: bool, device: str, dtype):
     fast = variant == "ours"
     pipe = TriplaneTurboPipeline.from_components(
         tokenizer, text_encoder, unet, vae, scheduler, adapter, fuse_lora=fast,
-        attention_kernel="sdpa" if fast else "math", config=gen_config)
+        attention_kernel="sdpa" if fast else "math", channels_last=fast, config=gen_config)
     del adapter
     pipe.to(device, dtype if fast else torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -567,9 +573,12 @@ Wall time of one generation, **prompt → GLB file**, measured by `bench/pipelin
   runs; every figure is the **median** of the timed runs; taken on an **otherwise idle machine**
   (the load average at the start is in the JSON and in the note when it was high);
 * **ours** = the library's defaults in the listed dtype (fused SDPA joint attention, LoRA merged into
-  the weights, SDF on the grid by separable interpolation, deformation only next to the surface);
-  **baseline** = what the authors' code computes: float32, explicit softmax(QKᵀ)V, LoRA unmerged,
-  SDF and deformation at all R³ grid points, marching cubes, vertex colours, GLB export.
+  the weights, channels-last convolutions, SDF on the grid by separable interpolation, marching cubes
+  on the SDF's device, deformation only at the ends of crossed edges);
+  **baseline** = what the authors' code computes: float32, NCHW convolutions, explicit softmax(QKᵀ)V,
+  LoRA unmerged, SDF and deformation at all R³ grid points, marching cubes, vertex colours, GLB export
+  (rows before 2026-11-28 ran the baseline's marching cubes with PyMCubes, and ours with PyMCubes after
+  a near-surface deformation pass).
 
 Columns: *ours / baseline s* — median seconds, prompt → GLB; *×* — baseline / ours; *stages* — our
 medians in seconds for text encoding / 4 denoising steps / VAE decode / grid SDF / isosurface
@@ -620,15 +629,21 @@ def table_row(result: dict, note: str) -> str:
 
 
 def record(path: Path, result: dict, note: str) -> None:
-    """Append one row; a missing or empty file gets the explanation and the table header first."""
+    """Add one row at the end of the runs table (sections after it stay after it); a missing or empty
+    file gets the explanation and the table header first."""
     text = path.read_text() if path.exists() else ""
     if not text.strip():
         text = INTRO + TABLE_COLUMNS
     elif TABLE_COLUMNS.splitlines()[0] not in text:
         text = text.rstrip("\n") + "\n\n" + TABLE_COLUMNS
-    elif not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text + table_row(result, note))
+    lines = text.splitlines(keepends=True)
+    end = lines.index(TABLE_COLUMNS.splitlines(keepends=True)[0])
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if end and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    lines.insert(end, table_row(result, note))
+    path.write_text("".join(lines))
 
 
 def main(argv=None) -> int:
@@ -637,6 +652,10 @@ def main(argv=None) -> int:
         report = run_variant(args)
         args.report.write_text(json.dumps(report, indent=2))
         return 0
+    if args.from_json:  # a run made elsewhere (e.g. on a GPU machine): show it, and record it if asked
+        result = json.loads(args.from_json.read_text())
+        print(summary(result))
+        return _record(args, result)
     machine = machine_info()
     if machine_busy(machine):
         print(f"bench: warning: load average {machine['load_avg_start'][0]:.1f} on "
@@ -654,12 +673,16 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json}")
+    return _record(args, result)
+
+
+def _record(args, result: dict) -> int:
     if args.record:
         if not result["valid"]:
             print(f"bench: not recording an invalid run in {args.record}", file=sys.stderr)
             return 1
         record(args.record, result, args.note)
-        print(f"row appended to {args.record}")
+        print(f"row added to {args.record}")
     return 0 if result["valid"] else 1
 
 

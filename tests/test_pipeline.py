@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triplane_turbo import PromptTruncatedWarning, default_dtype
+from triplane_turbo import PromptTruncatedWarning, TriplaneTurboPipeline, default_dtype
 from triplane_turbo.config import MAX_SEED
 from triplane_turbo.isosurface import EmptySurfaceWarning
 
@@ -124,10 +124,18 @@ def test_default_dtype_survives_a_failing_probe(monkeypatch):
     assert default_dtype("cpu") is torch.float32
 
 
-def test_convolutions_run_channels_last(tiny_pipe):
+def test_convolutions_run_channels_last_unless_asked_not_to(tiny_pipe, tiny_model_dir):
     for conv in (tiny_pipe.unet.conv_in, tiny_pipe.unet.up_blocks[-1].resnets[0].conv1, tiny_pipe.vae.decoder.conv_out):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         assert not conv.weight.is_contiguous()  # a real NHWC layout, not a 1x1 coincidence
+    nchw = TriplaneTurboPipeline.from_pretrained(*map(str, tiny_model_dir), channels_last=False,
+                                                 config=tiny_pipe.config)
+    nchw.set_progress_bar_config(disable=True)
+    assert nchw.unet.conv_in.weight.is_contiguous() and nchw.vae.decoder.conv_out.weight.is_contiguous()
+    # the layout changes only the kernels' summation order
+    a = tiny_pipe("a chair", seed=4, mesh_resolution=RES, num_steps=1)
+    b = nchw("a chair", seed=4, mesh_resolution=RES, num_steps=1)
+    assert (a.triplane - b.triplane).abs().max() <= 1e-4 * b.triplane.abs().max()
 
 
 def test_reduced_precision_error_on_fixture_a():

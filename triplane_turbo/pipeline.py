@@ -137,8 +137,8 @@ class TriplaneTurboPipeline:
     def from_pretrained(cls, base_model: str | None = None, adapter: str | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         adapter_filename: str | None = None, fuse_lora: bool = True,
-                        attention_kernel: str = "sdpa", config: GenerationConfig = GenerationConfig(),
-                        ) -> "TriplaneTurboPipeline":
+                        attention_kernel: str = "sdpa", channels_last: bool = True,
+                        config: GenerationConfig = GenerationConfig()) -> "TriplaneTurboPipeline":
         """Load the base model and the adapter, attach PETA, and move to ``device``/``dtype``.
 
         Args:
@@ -149,6 +149,7 @@ class TriplaneTurboPipeline:
             device, dtype: where to run; ``None`` keeps the CPU and float32.
             fuse_lora: merge the shared LoRA/LoCON terms into the base weights (same result, faster).
             attention_kernel: "sdpa" (fused) or "math" (explicit softmax, as the authors' code).
+            channels_last: keep the UNet and VAE weights NHWC (same result; faster convolutions).
         Raises:
             WeightsNotAvailableError: offline with nothing cached, or a missing local path.
             CheckpointMismatchError: the adapter file does not fit the base model (names the key).
@@ -172,15 +173,15 @@ class TriplaneTurboPipeline:
         state_dict = peta.read_checkpoint(weights.adapter_file)
         pipe = cls.from_components(tokenizer, text_encoder, unet, vae, scheduler, state_dict,
                                    source=str(weights.adapter_file), fuse_lora=fuse_lora,
-                                   attention_kernel=attention_kernel, config=config)
+                                   attention_kernel=attention_kernel, channels_last=channels_last, config=config)
         pipe.revision = weights.revision
         return pipe.to(device, dtype)
 
     @classmethod
     def from_components(cls, tokenizer, text_encoder, unet, vae, scheduler, adapter_state_dict: dict,
                         *, source: str = "adapter state dict", fuse_lora: bool = True,
-                        attention_kernel: str = "sdpa", config: GenerationConfig = GenerationConfig(),
-                        ) -> "TriplaneTurboPipeline":
+                        attention_kernel: str = "sdpa", channels_last: bool = True,
+                        config: GenerationConfig = GenerationConfig()) -> "TriplaneTurboPipeline":
         """Attach PETA to already-built base components and fill it from ``adapter_state_dict``.
 
         ``adapter_state_dict`` uses the checkpoint's key names (``geometry.…``). The UNet and VAE are
@@ -200,10 +201,11 @@ class TriplaneTurboPipeline:
             peta.fuse_shared_lora(vae)
         for module in (text_encoder, unet, vae, fields):
             module.eval().requires_grad_(False)
-        for module in (unet, vae):
+        if channels_last:
             # NHWC convolutions: oneDNN on the CPU (~1.2x on these networks) and cuDNN's tensor-core
             # kernels prefer them; the activations follow the weights' layout. Same numbers.
-            torch.nn.Module.to(module, memory_format=torch.channels_last)
+            for module in (unet, vae):
+                torch.nn.Module.to(module, memory_format=torch.channels_last)
         return cls(tokenizer, text_encoder, unet, vae, scheduler, fields, spec, config)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TriplaneTurboPipeline":
