@@ -289,7 +289,7 @@ def speed_note(tiny: bool, device: str | None) -> str:
         return "Running on a GPU: a generation takes about a second (plus any wait in the queue)."
     if tiny:
         return "Running on CPU: about 1–3 s per model (the tiny demo model)."
-    return ("Running on CPU: one model takes minutes here (about 2 min on a 2-core server CPU; "
+    return ("Running on CPU: one model takes minutes here (about 1.5 min on a 2-core server CPU; "
             "about a second on a GPU). Progress is shown while it works.")
 
 
