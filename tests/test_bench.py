@@ -81,3 +81,19 @@ def test_invalid_results_are_not_recorded(small_run, tmp_path):
     out = run_bench("--from-json", str(broken), "--record", str(benchmarks))
     assert out.returncode == 1 and "not recording" in out.stderr
     assert not benchmarks.exists()
+
+
+def test_flop_count_of_one_generation():
+    """The figure BENCHMARKS.md divides by the machine's peak: 9.05 TFLOP at the published sizes."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import flops
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    full = flops.count()
+    assert full["total"] == 4 * full["unet_pass"] + full["vae_decode"]
+    assert 1.31e12 < full["unet_pass"] < 1.33e12 and 3.78e12 < full["vae_decode"] < 3.80e12
+    # half-size planes: convolutions and projections scale with the pixels, joint attention with their square
+    half = flops.count(latent_size=16)
+    assert full["unet_pass"] / 4 * 0.85 < half["unet_pass"] < full["unet_pass"] / 4
+    assert full["vae_decode"] / 4 * 0.99 < half["vae_decode"] < full["vae_decode"] / 4
