@@ -169,10 +169,10 @@ def test_padding_deformation_is_zero():
     np.testing.assert_allclose(cap[:, 1], to_world(-1.0 + t * (1.0 + 0.3)), atol=1e-6)
 
 
-@pytest.mark.parametrize("value", [0.7, -0.7, 0.0])
-def test_no_zero_crossing_gives_empty_arrays_and_a_warning(value):
+@pytest.mark.parametrize("value, other", [(0.7, 1.4), (-0.7, -1.4), (0.0, 0.0), (0.5, 0.0), (-0.5, 0.0)])
+def test_no_zero_crossing_gives_empty_arrays_and_a_warning(value, other):
     sdf = np.full((R, R, R), value, dtype=np.float32)
-    sdf[3, 4, 5] = value * 2  # not constant, still one sign
+    sdf[3, 4, 5] = other  # not constant, still one sign (touching the level is not crossing it)
     with pytest.warns(EmptySurfaceWarning, match="no zero crossing"):
         verts, faces = marching_cubes(sdf)
     assert verts.shape == (0, 3) and verts.dtype == np.float32

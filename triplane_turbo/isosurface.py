@@ -163,11 +163,10 @@ def extract_surface(sdf: torch.Tensor | np.ndarray, isovalue: float = 0.0) -> Su
     if not bool(torch.isfinite(grid).all()):
         raise ValueError("sdf contains NaN or infinite values")
     res, device = grid.shape[0], grid.device
-    low = grid <= isovalue
     # DiffMC's reference swaps a grid without a sign change for a sphere; we report it instead.
-    # (With the outside padding an all-inside grid would yield the box's faces, which is not a
-    # surface the model produced.)
-    if bool(low.all()) or not bool(low.any()):
+    # (With the outside padding an all-inside grid would yield the box's faces, and a grid that only
+    # touches the level would yield zero-area triangles: neither is a surface the model produced.)
+    if not (bool((grid < isovalue).any()) and bool((grid > isovalue).any())):
         warnings.warn("the SDF has no zero crossing: the model produced no surface; try another seed/prompt",
                       EmptySurfaceWarning, stacklevel=2)
         return _empty_topology(res, device)
@@ -175,7 +174,7 @@ def extract_surface(sdf: torch.Tensor | np.ndarray, isovalue: float = 0.0) -> Su
     padded = F.pad(grid, (1, 1, 1, 1, 1, 1), value=float(isovalue) + 1.0)  # [P, P, P], P = R + 2
     size = res + 2
     cubes = size - 1
-    low = F.pad(low, (1, 1, 1, 1, 1, 1), value=False).to(torch.uint8)
+    low = (padded <= isovalue).to(torch.uint8)  # PyMCubes' side for values equal to the level
     case = torch.zeros((cubes,) * 3, dtype=torch.uint8, device=device)
     for k, (di, dj, dk) in enumerate(CUBE_CORNERS):
         case |= low[di:di + cubes, dj:dj + cubes, dk:dk + cubes] << k
