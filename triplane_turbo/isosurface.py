@@ -77,10 +77,16 @@ def _case_table_numpy() -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=None)
 def case_table(device: str = "cpu") -> torch.Tensor:
     """PyMCubes' triangle table as an int64 tensor [256, 15] on ``device`` (see ``_case_table_numpy``)."""
-    return torch.from_numpy(_case_table_numpy()).to(device)
+    return _cube_tables(str(device))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _cube_tables(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The case table, ``EDGE_STARTS`` [12, 3] and ``EDGE_AXES`` [12] as tensors, copied once per device."""
+    return (torch.from_numpy(_case_table_numpy()).to(device), torch.tensor(EDGE_STARTS, device=device),
+            torch.tensor(EDGE_AXES, device=device))
 
 
 @dataclass
@@ -179,11 +185,12 @@ def extract_surface(sdf: torch.Tensor | np.ndarray, isovalue: float = 0.0) -> Su
     for k, (di, dj, dk) in enumerate(CUBE_CORNERS):
         case |= low[di:di + cubes, dj:dj + cubes, dk:dk + cubes] << k
     cells = ((case != 0) & (case != 255)).nonzero()  # [M, 3], row-major: x slowest
-    edges = case_table(str(device))[case[cells[:, 0], cells[:, 1], cells[:, 2]].long()]  # [M, 15]
+    table, edge_starts, edge_axes = _cube_tables(str(device))
+    edges = table[case[cells[:, 0], cells[:, 1], cells[:, 2]].long()]  # [M, 15]
     used = edges >= 0  # each row: 3·(its triangles) edges, then -1
     local = edges.clamp(min=0)
-    starts = cells[:, None, :] + torch.tensor(EDGE_STARTS, device=device)[local]  # [M, 15, 3], padded index
-    axes = torch.tensor(EDGE_AXES, device=device)[local]
+    starts = cells[:, None, :] + edge_starts[local]  # [M, 15, 3], padded index
+    axes = edge_axes[local]
     key = ((starts[..., 0] * size + starts[..., 1]) * size + starts[..., 2]) * 3 + axes
     keys, inverse = torch.unique(key[used], return_inverse=True)  # one vertex per crossed edge
     # PyMCubes winds triangles inward for negative-inside SDFs; reverse them to face outward.
@@ -191,8 +198,8 @@ def extract_surface(sdf: torch.Tensor | np.ndarray, isovalue: float = 0.0) -> Su
 
     flat, axis = keys // 3, keys % 3
     stride = torch.tensor((size * size, size, 1), device=device)
-    values = padded.reshape(-1).double()
-    s_start, s_end = values[flat], values[flat + stride[axis]]
+    values = padded.reshape(-1)
+    s_start, s_end = values[flat].double(), values[flat + stride[axis]].double()
     t = ((isovalue - s_start) / (s_end - s_start)).clamp(0.0, 1.0)
     start = torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1) - 1  # unpadded
 

@@ -184,6 +184,7 @@ class TriplaneFields(nn.Module):
         u = self.normalize(axis[:, None].expand(-1, 3))[:, 0]  # the box is cubic: one axis serves all
         xy, xz, yz = self._projected_lattices(triplane[:, :3], u, first.weight)  # [B, K, R, R] each
         prior = axis.float() ** 2
+        prior_jk = prior[:, None] + prior[None, :]  # y² + z² on the (j, k) lattice, shared by every slice
         out = torch.empty((triplane.shape[0], resolution, resolution, resolution), device=xy.device)
         slices = max(1, chunk // (resolution * resolution))
         for b in range(triplane.shape[0]):
@@ -193,7 +194,7 @@ class TriplaneFields(nn.Module):
                 h = yz[b, :, None] + xy[b, :, sl, :, None]
                 h += xz[b, :, sl, None, :]
                 sdf = _mlp_channels_first(rest, h.reshape(h.shape[0], -1)).reshape(-1, resolution, resolution)
-                norm = (prior[sl, None, None] + prior[None, :, None] + prior[None, None, :]).sqrt()
+                norm = (prior[sl, None, None] + prior_jk).sqrt()
                 out[b, sl] = sdf + (norm - self.sphere_radius)
         return out
 
