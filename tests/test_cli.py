@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import trimesh
 
+from .conftest import FIXTURE_A
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,8 @@ def test_format_from_flag(tmp_path):
     (["a chair", "--tiny", "--seed", "-5"], "seed must be between"),
     (["a chair", "--tiny", "--resolution", "9999"], "resolution must be between"),
     (["a chair", "--tiny", "-o", "x.fbx"], "unknown format"),
+    (["a chair", "--steps", "0"], "num_steps must be an integer between 1 and 50"),  # before any loading
+    (["a chair", "--tiny", "--steps", "51"], "num_steps must be an integer between 1 and 50"),
 ])
 def test_bad_input_exits_with_a_message(tmp_path, args, message):
     result = run_cli(*args, cwd=tmp_path)
@@ -53,3 +57,17 @@ def test_offline_without_weights_explains(tmp_path):
     result = run_cli("a chair", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")})
     assert result.returncode == 1
     assert "hf download" in result.stderr and "--tiny" in result.stderr
+
+
+def test_loading_errors_are_one_line_not_a_traceback(tmp_path, tiny_model_dir):
+    base_dir, _ = tiny_model_dir
+    corrupt = tmp_path / "adapter.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    result = run_cli("a chair", "--base-model", str(base_dir), "--adapter", str(corrupt), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {corrupt}: not a readable TriplaneTurbo checkpoint" in result.stderr
+    # an adapter for another base model: a CheckpointMismatchError naming the key
+    result = run_cli("a chair", "--base-model", str(FIXTURE_A / "base"), "--adapter",
+                     str(tiny_model_dir[1]), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "key" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pth"]

@@ -1,6 +1,6 @@
 """Parity with the authors' implementation: every golden tensor of fixture A, stage by stage.
 
-Fixture A (tests/fixtures/fixture_a, see its README in shared/reference) was produced by the authors'
+Fixture A (tests/fixtures/fixture_a, described in tests/fixtures/README.md) was produced by the authors'
 code on a tiny random base model and a random adapter in the published format. Each float tensor must
 match within 1e-4 of its largest magnitude; integer tensors exactly. The fast paths (fused LoRA,
 fused attention, separable grid evaluation) are checked against the same numbers as the plain ones.

@@ -197,3 +197,80 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_pipe):
 def test_unicode_prompts(tiny_pipe):
     for prompt in ("a dragon 🐉 made of glass", "מגדל גבוה", "../../etc/passwd", "a\u0000chair"):
         assert len(tiny_pipe(prompt, seed=1, mesh_resolution=32).meshes[0].faces) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects found in review (issue 13): each test failed before its fix
+# ---------------------------------------------------------------------------------------------
+def test_the_sampler_arithmetic_stays_float32_under_a_float16_unet(tiny_model_dir):
+    """At t = 999, x̂₀ = (x − 0.998 ε)/0.068: float16 latents would amplify their rounding 15-fold."""
+    pipe = load_tiny(tiny_model_dir, dtype=torch.float16)
+    predictions, inputs = [], []
+    unet_forward = pipe.unet.forward
+
+    def recording_forward(sample, timestep, **kwargs):
+        inputs.append(sample)
+        out = unet_forward(sample, timestep, **kwargs)
+        predictions.append(out.sample)
+        return out
+
+    pipe.unet.forward = recording_forward
+    embeddings = pipe.encode_prompt(["a lamp"])
+    latents = pipe.prepare_latents(1, torch.Generator().manual_seed(4))
+    assert latents.dtype == torch.float32
+    x0 = pipe.denoise(embeddings, latents, num_steps=4)
+    assert x0.dtype == torch.float32 and all(x.dtype == torch.float16 for x in inputs + predictions)
+    # the same DDIM steps, in float32, from the UNet's own (float16) predictions
+    scheduler = pipe._fresh_scheduler(4)
+    x = latents
+    for t, eps in zip(pipe.timesteps(4), predictions):
+        step = scheduler.step(eps.float(), int(t), x)
+        x, expected = step.prev_sample, step.pred_original_sample
+    assert torch.equal(x0, expected)
+
+
+def test_a_move_that_fails_half_way_puts_everything_back(tiny_model_dir):
+    """A CUDA out-of-memory error in the middle of .to() used to leave some networks moved and some
+    not; every later request then tripped over mixed devices or dtypes."""
+    pipe = load_tiny(tiny_model_dir)
+    before = {name: t.clone() for module in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.fields)
+              for name, t in [(f"{id(module)}.{k}", v) for k, v in module.state_dict().items()]}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    pipe.vae.decoder.up_blocks[1]._apply = out_of_memory  # after the text encoder, the UNet and part of the VAE
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        pipe.to(dtype=torch.float16)
+    del pipe.vae.decoder.up_blocks[1]._apply
+    after = {name: t for module in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.fields)
+             for name, t in [(f"{id(module)}.{k}", v) for k, v in module.state_dict().items()]}
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    assert len(pipe("a chair", seed=1, mesh_resolution=32).meshes[0].faces) > 0  # still usable
+
+
+def test_a_cpu_run_never_touches_cuda(tiny_pipe, monkeypatch):
+    """Timing used to synchronise CUDA whenever CUDA existed, creating a CUDA context for CPU runs."""
+    def synchronize(*args, **kwargs):
+        raise AssertionError("torch.cuda.synchronize called during a CPU generation")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    out = tiny_pipe("a chair", seed=1, mesh_resolution=32)
+    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color"}
+
+
+def test_building_the_tiny_model_leaves_the_global_random_state_alone(tmp_path):
+    from triplane_turbo.tiny import write_tiny_model
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    write_tiny_model(tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), state)
+    # and the weights still depend on the seed alone
+    torch.manual_seed(99)
+    write_tiny_model(tmp_path / "b")
+    assert (tmp_path / "a/base/unet/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (tmp_path / "b/base/unet/diffusion_pytorch_model.safetensors").read_bytes()

@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from . import TriplaneTurboPipeline
+    from .adapter import CheckpointMismatchError
     from .export import export_mesh
-    from .hub import WeightsNotAvailableError
-    from .pipeline import default_dtype, validate_prompts, validate_resolution, validate_seed
+    from .hub import IncompatibleBaseModelError, WeightsNotAvailableError
+    from .pipeline import default_dtype, validate_num_steps, validate_prompts, validate_resolution, validate_seed
 
     try:  # check the cheap things before loading gigabytes
         validate_prompts(args.prompt)
         validate_resolution(args.resolution)
+        validate_num_steps(args.steps)
         if args.seed is not None:
             validate_seed(args.seed)
     except (TypeError, ValueError) as exc:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("Loading weights (the first run downloads about 5.3 GB from the Hugging Face Hub)...",
                       file=sys.stderr)
             pipe = TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype)
-    except WeightsNotAvailableError as exc:
+    except (WeightsNotAvailableError, IncompatibleBaseModelError, CheckpointMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     load_s = time.perf_counter() - start

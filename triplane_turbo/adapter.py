@@ -1,6 +1,6 @@
 """PETA, the Parameter-Efficient Triplane Adapter, on diffusers' UNet and VAE.
 
-What the published checkpoint adds to Stable Diffusion (numerics: shared/reference/CHECKPOINT.md §6):
+What the published checkpoint adds to Stable Diffusion (numerics: docs/CHECKPOINT.md §6):
 
 * every UNet self-attention (``attn1``): a LoRA per projection *per plane* (six planes: xy/xz/yz for
   geometry, then for texture), and attention that runs jointly over the six planes of an object;
@@ -13,7 +13,7 @@ as diffusers loads LoRA. Only the plane-specific LoRA and the joint six-plane at
 library equivalent and are written here.
 
 The checkpoint names its adapter groups by an index (``...peft_layers.layers.<i>...``); the index is
-the position in a fixed walk over the architecture (CHECKPOINT.md §4), reproduced by ``adapter_slots``
+the position in a fixed walk over the architecture (docs/CHECKPOINT.md §4), reproduced by ``adapter_slots``
 from the module tree itself — never from a library's iteration order.
 """
 
@@ -126,7 +126,7 @@ def adapter_slots(unet: nn.Module, vae: nn.Module) -> list[AdapterSlot]:
               for i, a in enumerate(decoder.mid_block.attentions) if a is not None]
     for path, block in blocks:
         found += [(UNET_LOCON, f"unet.{p}", m) for p, m in _resnet_and_sampler_convs(block, path)]
-    # The VAE decoder registered up_blocks before mid_block (CHECKPOINT.md §4, pass 4).
+    # The VAE decoder registered up_blocks before mid_block (docs/CHECKPOINT.md §4, pass 4).
     vae_blocks = [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(decoder.up_blocks)]
     vae_blocks.append(("decoder.mid_block", decoder.mid_block))
     for path, block in vae_blocks:
@@ -208,7 +208,7 @@ def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict
             for plane, half in _planes_in_registration_order():
                 for proj, attr in PROJECTIONS.items():
                     lin = m.get_submodule(attr)
-                    # the hexa output LoRA acts on the projected output (CHECKPOINT.md §6.4)
+                    # the hexa output LoRA acts on the projected output (docs/CHECKPOINT.md §6.4)
                     d_in = lin.out_features if proj == "to_out" else lin.in_features
                     add(f"{proj}_{plane}_lora_{half}.down.weight", (spec.self_rank, d_in))
                     add(f"{proj}_{plane}_lora_{half}.up.weight", (lin.out_features, spec.self_rank))
@@ -362,6 +362,7 @@ def _lora_config(targets: dict[str, int]):
 def attach_adapter(unet: nn.Module, vae: nn.Module, spec: AdapterSpec, attention_kernel: str = "sdpa") -> list[AdapterSlot]:
     """Put empty PETA modules into ``unet`` and ``vae`` (in place); returns the slots, by index."""
     from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     slots = adapter_slots(unet, vae)
     peft_targets: dict[str, dict[str, int]] = {"unet": {}, "vae": {}}
@@ -388,6 +389,9 @@ def attach_adapter(unet: nn.Module, vae: nn.Module, spec: AdapterSpec, attention
         _unalias_downsamplers(model)
         if peft_targets[model_name]:
             inject_adapter_in_model(_lora_config(peft_targets[model_name]), model, adapter_name=PEFT_ADAPTER_NAME)
+            # peft creates the LoRA terms in the base layer's dtype; keep them float32 so that the
+            # checkpoint's values survive on float16 base weights until they are merged.
+            cast_adapter_dtype(model, PEFT_ADAPTER_NAME)
     return adapter_slots(unet, vae)
 
 
@@ -459,11 +463,18 @@ def fuse_shared_lora(model: nn.Module) -> None:
     ``W' = W + up·down`` (for LoCON, ``up`` is 1×1 so the merged kernel keeps the conv's shape):
     the forward pass then costs what the base model costs. The plane-specific LoRA cannot be merged
     (each plane would need its own full weight) and stays a batched low-rank product.
+
+    Half-precision base weights (the fp16 download) are merged in float32 one layer at a time and
+    rounded once: peft would add the delta in the base dtype, and casting the whole model up first
+    would double its memory.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, BaseTunerLayer):
+                base = child.get_base_layer()
+                dtype = base.weight.dtype
+                child.to(torch.float32)
                 child.merge()
-                setattr(module, child_name, child.get_base_layer())
+                setattr(module, child_name, base.to(dtype))

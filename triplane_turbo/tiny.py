@@ -9,6 +9,7 @@ The SDF head is scaled down so that the sphere prior dominates: the mesh is a cl
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -66,18 +67,26 @@ def write_tokenizer(folder: Path) -> None:
         {**specials, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
 
 
-def write_tiny_base(folder: Path, seed: int = 0):
-    """A tiny SD-style base model in diffusers layout; returns (unet, vae) as written."""
+def write_tiny_base(folder: Path, seed: int = 0, fp16_variant: bool = False):
+    """A tiny SD-style base model in diffusers layout; returns (unet, vae) as written.
+
+    With ``fp16_variant`` the float16 weight files (``*.fp16.safetensors``) are written beside the
+    float32 ones, as in the Hub repositories of Stable Diffusion. The caller's random state is left
+    as it was: the weights come from ``seed`` alone.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
-    vae = AutoencoderKL(**TINY_VAE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(_byte_symbols()) * 2 + len(TINY_MERGES) + 2, **TINY_TEXT))
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
+    with torch.random.fork_rng(devices=[]):  # diffusers and transformers initialise from the global RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(_byte_symbols()) * 2 + len(TINY_MERGES) + 2,
+                                                    **TINY_TEXT))
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        model.save_pretrained(folder / name)
+        if fp16_variant:
+            torch.nn.Module.to(copy.deepcopy(model), torch.float16).save_pretrained(folder / name, variant="fp16")
     write_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER))
@@ -117,11 +126,11 @@ def random_adapter_state_dict(unet, vae, spec: peta.AdapterSpec, seed: int = 0,
     return state_dict
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+def write_tiny_model(folder: str | Path, seed: int = 0, fp16_variant: bool = False) -> tuple[Path, Path]:
     """Write a tiny base model and adapter under ``folder``; returns (base_dir, adapter_file)."""
     folder = Path(folder)
     base_dir, adapter_file = folder / "base", folder / "adapter" / "triplane_turbo_sd_v1.pth"
-    unet, vae = write_tiny_base(base_dir, seed)
+    unet, vae = write_tiny_base(base_dir, seed, fp16_variant)
     out_channels = 16  # 8 channels per plane
     spec = peta.AdapterSpec(out_channels=out_channels, mlp_hidden=(16, 16), **ADAPTER_RANKS)
     state_dict = random_adapter_state_dict(unet, vae, spec, seed)

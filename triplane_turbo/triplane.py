@@ -1,7 +1,7 @@
 """Triplane -> fields: plane sampling and the SDF / deformation / colour heads.
 
 A triplane is [B, 6, C, H, W]: planes 0-2 (xy, xz, yz) carry geometry, planes 3-5 texture.
-Numerics follow the authors' implementation (CHECKPOINT.md §6.6): bilinear sampling with
+Numerics follow the authors' implementation (docs/CHECKPOINT.md §6.6): bilinear sampling with
 ``align_corners=False`` and zero padding; the geometry feature is the *sum* of the three geometry
 samples, the texture feature the *concatenation* [xy, xz, yz]; ``sdf = mlp(geo) + (|p| - 0.5)``.
 
