@@ -166,14 +166,23 @@ class TriplaneTurboPipeline:
             IncompatibleBaseModelError: the base model is not an epsilon-predicting SD 2.1-base.
             CheckpointMismatchError: the adapter file does not fit the base model (names the key).
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         if variant == "auto":
             variant = "fp16" if dtype == torch.float16 else None
         sources = WeightSources.resolve(base_model, adapter)
         weights = hub.resolve(sources.base_model, sources.adapter, adapter_filename or sources.adapter_filename,
                               variant=variant, tqdm_class=tqdm_class)
+        return cls.from_resolved(weights, device=device, dtype=dtype, fuse_lora=fuse_lora,
+                                 attention_kernel=attention_kernel, channels_last=channels_last, config=config)
+
+    @classmethod
+    def from_resolved(cls, weights: hub.ResolvedWeights, *, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None, fuse_lora: bool = True, attention_kernel: str = "sdpa",
+                      channels_last: bool = True, config: GenerationConfig = GenerationConfig()) -> "TriplaneTurboPipeline":
+        """Build the pipeline from weights already on disk (``hub.resolve``); the second half of
+        ``from_pretrained``, for callers that fetch first and build later (the app's loader)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
         base = weights.base_dir
         with warnings.catch_warnings():  # SD ships a PNDM config; DDIM reads the same fields
             warnings.simplefilter("ignore")
