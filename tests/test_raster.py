@@ -1,0 +1,162 @@
+"""The torch rasteriser: nvdiffrast's conventions, pixel by pixel.
+
+(The nvdiffrast back-end is compared with this one in tests/test_cuda.py, on a GPU.)
+"""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from triplane_turbo.raster import interpolate, rasterize, resolve_backend
+
+
+def clip(points_xy, z=0.0, w=1.0):
+    """[V, 2] screen-space points in [-1, 1] -> clip coordinates with the given z/w and w."""
+    p = torch.as_tensor(points_xy, dtype=torch.float32)
+    z = torch.as_tensor(z, dtype=torch.float32).expand(len(p))
+    w = torch.as_tensor(w, dtype=torch.float32).expand(len(p))
+    return torch.stack([p[:, 0] * w, p[:, 1] * w, z * w, w], dim=1)
+
+
+def pixel_centres(height, width):
+    """Clip x, y of every pixel centre, [H, W] each (row 0 at clip y = -1)."""
+    ys = (torch.arange(height) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width) + 0.5) / width * 2 - 1
+    return torch.meshgrid(ys, xs, indexing="ij")[::-1]
+
+
+def test_output_layout_and_barycentrics():
+    # one triangle; the barycentric weights blend the vertices back into the pixel centre
+    vertices = [[-0.9, -0.8], [0.7, -0.6], [0.1, 0.9]]
+    faces = torch.tensor([[0, 1, 2]])
+    rast = rasterize(clip(vertices, z=0.25), faces, (64, 48))
+    assert rast.shape == (1, 64, 48, 4) and rast.dtype == torch.float32
+    covered = rast[0, ..., 3] > 0
+    assert 0.2 < covered.float().mean() < 0.6
+    assert torch.all(rast[0, ..., 3][covered] == 1) and torch.all(rast[0][~covered] == 0)
+    assert torch.allclose(rast[0, ..., 2][covered], torch.tensor(0.25))
+    positions = torch.tensor(vertices + [[0, 0]])[:3]
+    blended = interpolate(positions, rast, faces)[0]
+    x, y = pixel_centres(64, 48)
+    error = (blended[covered] - torch.stack([x, y], -1)[covered]).abs().max(-1).values
+    # exact inside; at the rim, a sample the 1/16-pixel snapping lets in gets clamped weights
+    assert error.median() < 1e-6 and error.max() < 2 / 48 / 16
+    # u belongs to faces[:, 0], v to faces[:, 1]: the pixel nearest each vertex has weight ~1 there
+    u, v = rast[0, ..., 0], rast[0, ..., 1]
+    near_first = torch.argmin(((x - vertices[0][0]) ** 2 + (y - vertices[0][1]) ** 2 + 10 * ~covered).flatten())
+    near_second = torch.argmin(((x - vertices[1][0]) ** 2 + (y - vertices[1][1]) ** 2 + 10 * ~covered).flatten())
+    assert u.flatten()[near_first] > 0.9 and v.flatten()[near_second] > 0.9
+
+
+def test_row_zero_is_the_bottom():
+    lower_half = [[-1, -1], [1, -1], [-1, 0]]
+    rast = rasterize(clip(lower_half), torch.tensor([[0, 1, 2]]), (8, 8))[0]
+    rows = (rast[..., 3] > 0).any(dim=1)
+    assert rows[:4].all() and not rows[4:].any()
+
+
+def test_shared_edges_are_covered_exactly_once():
+    """A fan of triangles whose edges run through pixel centres: every pixel centre inside the fan is
+    drawn by exactly one triangle, none outside (no cracks, no double coverage)."""
+    size = 16
+    centre = [0.0, 0.0]
+    ring = [[np.cos(a), np.sin(a)] for a in np.linspace(0, 2 * np.pi, 9)[:-1]]
+    # snap the ring to pixel centres so that edges pass exactly through samples
+    ring = [[(np.floor((x * 0.8 + 1) / 2 * size) + 0.5) / size * 2 - 1,
+             (np.floor((y * 0.8 + 1) / 2 * size) + 0.5) / size * 2 - 1] for x, y in ring]
+    vertices = torch.tensor([centre] + ring, dtype=torch.float32)
+    faces = torch.tensor([[0, 1 + i, 1 + (i + 1) % 8] for i in range(8)])
+    counts = sum((rasterize(clip(vertices), faces[i:i + 1], (size, size))[0, ..., 3] > 0).int() for i in range(8))
+    together = rasterize(clip(vertices), faces, (size, size))[0, ..., 3] > 0
+    assert counts.max() == 1  # no pixel drawn by two triangles
+    assert torch.equal(counts.bool(), together)  # the union, nothing lost when drawn together
+    # every pixel centre strictly inside a triangle is covered, none strictly outside all of them
+    x, y = pixel_centres(size, size)
+    samples = torch.stack([x, y], -1).double().reshape(-1, 1, 2)
+    a, b, c = (vertices.double()[faces[:, k]][None] for k in range(3))
+
+    def edge(p, q):
+        return (q[..., 0] - p[..., 0]) * (samples[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (samples[..., 0] - p[..., 0])
+
+    signs = torch.stack([edge(a, b), edge(b, c), edge(c, a)], -1)  # [pixels, triangles, 3], fan wound CCW
+    strictly_inside = (signs > 1e-9).all(-1).any(-1).reshape(size, size)
+    strictly_outside = (signs < -1e-9).any(-1).all(-1).reshape(size, size)
+    assert torch.all(together[strictly_inside]) and not torch.any(together[strictly_outside])
+    assert (~strictly_inside & ~strictly_outside).sum() > 4  # samples on shared edges were really tested
+
+
+def test_the_nearest_fragment_wins_in_either_order():
+    square = [[-1, -1], [1, -1], [1, 1], [-1, 1]]
+    near = clip(square, z=-0.5)
+    far = clip(square, z=0.5)
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    for first, second, winner in ((near, far, {1, 2}), (far, near, {3, 4})):
+        rast = rasterize(torch.cat([first, second]), faces, (8, 8))[0]
+        assert set(rast[..., 3].unique().tolist()) == winner
+        assert torch.allclose(rast[..., 2], torch.tensor(-0.5))
+
+
+def test_fragments_outside_the_depth_range_are_discarded():
+    rast = rasterize(clip([[-1, -1], [1, -1], [0, 1]], z=1.5), torch.tensor([[0, 1, 2]]), (8, 8))
+    assert not (rast[..., 3] > 0).any()
+
+
+def test_perspective_correct_interpolation():
+    """A plane tilted in depth under a perspective camera: interpolating its 3D points gives, at each
+    pixel, the point where that pixel's ray meets the plane."""
+    world = torch.tensor([[-1.0, -1.0, 2.0], [1.0, -1.0, 2.0], [1.0, 1.0, 5.0], [-1.0, 1.0, 5.0]])
+    focal = 1.5
+    # camera at the origin looking down +z; clip = (f x, f y, z', z) with w = depth
+    clip_positions = torch.stack([focal * world[:, 0], focal * world[:, 1], world[:, 2] * 0.1, world[:, 2]], 1)
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    rast = rasterize(clip_positions, faces, (32, 32))
+    points = interpolate(world, rast, faces)[0]
+    covered = rast[0, ..., 3] > 0
+    x, y = pixel_centres(32, 32)
+    ray = torch.stack([x / focal, y / focal, torch.ones_like(x)], -1)  # direction with z = 1
+    # the plane through the four points: y/… ; solve depth t along the ray: point = t * ray
+    normal = torch.linalg.cross(world[1] - world[0], world[3] - world[0])
+    t = (normal @ world[0]) / (ray @ normal)
+    expected = ray * t[..., None]
+    assert covered.float().mean() > 0.2
+    assert torch.allclose(points[covered], expected[covered], atol=1e-4)
+    # a screen-linear blend would be far off on this steep plane
+    screen_linear = (rast[0, ..., :1] * world[faces[rast[0, ..., 3].long().clamp(min=1) - 1][..., 0]]).sum(-1)
+    assert not torch.allclose(screen_linear[covered], expected[covered][..., 2], atol=1e-2)
+
+
+def test_a_triangle_behind_the_camera_is_dropped():
+    behind = clip([[-1, -1], [1, -1], [0, 1]], w=-1.0)
+    assert not (rasterize(behind, torch.tensor([[0, 1, 2]]), (8, 8))[..., 3] > 0).any()
+
+
+def test_batches_empty_meshes_and_bad_input():
+    square = clip([[-1, -1], [1, -1], [1, 1], [-1, 1]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    rast = rasterize(torch.stack([square, square * torch.tensor([0.5, 0.5, 1, 1])]), faces, (8, 8))
+    assert rast.shape == (2, 8, 8, 4) and (rast[0, ..., 3] > 0).all() and (rast[1, ..., 3] > 0).float().mean() == 0.25
+    assert torch.equal(rasterize(square, faces[:0], (4, 4)), torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\[B, V, 4\]"):
+        rasterize(square[:, :3], faces, (4, 4))
+    with pytest.raises(ValueError, match="resolution"):
+        rasterize(square, faces, (0, 4))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="nvdiffrast"):
+        resolve_backend("nvdiffrast", torch.device("cpu"))
+
+
+def test_many_small_triangles_in_bounded_chunks(monkeypatch):
+    """The candidate pairs are processed in chunks; a tiny chunk limit changes nothing."""
+    from triplane_turbo import raster
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices = torch.tensor(sphere.vertices, dtype=torch.float32) * 0.9
+    positions = torch.cat([vertices[:, :2], vertices[:, 2:] * 0.5, torch.ones(len(vertices), 1)], 1)
+    faces = torch.tensor(sphere.faces)
+    whole = rasterize(positions, faces, (96, 96))
+    monkeypatch.setattr(raster, "PAIRS_PER_CHUNK", 97)
+    assert torch.equal(rasterize(positions, faces, (96, 96)), whole)
+    # the front-most surface is drawn: z/w is the smaller of the two sphere depths
+    covered = whole[0, ..., 3] > 0
+    assert (whole[0, ..., 2][covered] <= 0.01).all()

@@ -1,0 +1,251 @@
+"""Triangle rasterisation with nvdiffrast's semantics: nvdiffrast on CUDA when installed, torch elsewhere.
+
+One small interface, two back-ends that compute the same thing:
+
+* ``rasterize(clip_positions, faces, (H, W))`` -> ``rast`` [B, H, W, 4] holding, per pixel,
+  ``(u, v, z/w, triangle_id + 1)``; all zeros where no triangle covers the pixel. ``u`` is the
+  perspective-correct barycentric weight of ``faces[t, 0]``, ``v`` that of ``faces[t, 1]`` and
+  ``1 - u - v`` that of ``faces[t, 2]``.
+* ``interpolate(attributes, rast, faces)`` -> [B, H, W, C], the attributes blended with those weights
+  (zero where nothing was drawn).
+
+Conventions (nvdiffrast's): pixel (column x, row y) samples clip coordinates
+``(2(x + 0.5)/W − 1, 2(y + 0.5)/H − 1)``, so **row 0 is the bottom** (clip y = −1) — flip rows to get
+a top-down image; the fragment with the smallest z/w wins; there is no back-face culling; a pixel
+centre exactly on an edge shared by two triangles belongs to exactly one of them (vertices snapped to
+1/16 pixel, top-left rule). Fragments with z/w outside [−1, 1] are discarded.
+
+The torch back-end runs on any device (it is the CPU path, and the reference the CUDA path is tested
+against). It differs from nvdiffrast in one documented way: a triangle with a vertex at w ≤ 0
+(behind the camera) is dropped instead of clipped — never the case for UV-space baking or for an
+object in front of the camera. nvdiffrast (NVlabs, NVIDIA Source Code License, non-commercial use
+only; not on PyPI, compiled with nvcc on first use) is an optional extra, imported lazily.
+
+Written by hand because no maintained library rasterises triangles on the CPU in torch with these
+semantics (pytorch3d's rasteriser has other conventions and no wheels for current torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Sub-pixel precision of the vertex snapping, as nvdiffrast's CUDA rasteriser (4 bits).
+SUBPIXEL_BITS = 4
+#: Candidate (triangle, pixel) pairs examined at once by the torch back-end (bounds its memory).
+PAIRS_PER_CHUNK = 1 << 22
+BACKENDS = ("auto", "torch", "nvdiffrast")
+
+
+@functools.lru_cache(maxsize=None)
+def nvdiffrast_available() -> bool:
+    """Whether ``nvdiffrast.torch`` imports and CUDA is present (cached: the import is slow)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import nvdiffrast.torch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means "not available"
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _nvdiffrast_context(device: torch.device):
+    import nvdiffrast.torch as dr
+
+    return dr.RasterizeCudaContext(device=device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "nvdiffrast" for CUDA tensors when it is installed, else "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown rasteriser back-end {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
+    if backend == "nvdiffrast" and not (device.type == "cuda" and nvdiffrast_available()):
+        raise RuntimeError("the nvdiffrast back-end needs CUDA tensors and the nvdiffrast package "
+                           "(see the README's 'GPU extras')")
+    return backend
+
+
+def rasterize(clip_positions: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int],
+              backend: str = "auto") -> torch.Tensor:
+    """Rasterise triangles given in clip space.
+
+    Args:
+        clip_positions: [B, V, 4] or [V, 4] homogeneous clip coordinates (x, y, z, w).
+        faces: [F, 3] vertex indices (any integer dtype).
+        resolution: (height, width) in pixels.
+        backend: "auto", "torch" or "nvdiffrast".
+    Returns:
+        rast [B, H, W, 4] float32: (u, v, z/w, triangle_id + 1); zeros where nothing is drawn.
+    """
+    positions = clip_positions[None] if clip_positions.ndim == 2 else clip_positions
+    if positions.ndim != 3 or positions.shape[-1] != 4:
+        raise ValueError(f"clip_positions must be [B, V, 4] or [V, 4], got {list(clip_positions.shape)}")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces must be [F, 3], got {list(faces.shape)}")
+    height, width = int(resolution[0]), int(resolution[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    positions = positions.float()
+    if len(faces) == 0:
+        return torch.zeros(positions.shape[0], height, width, 4, device=positions.device)
+    if resolve_backend(backend, positions.device) == "nvdiffrast":
+        rast, _ = __import__("nvdiffrast.torch", fromlist=["rasterize"]).rasterize(
+            _nvdiffrast_context(positions.device), positions.contiguous(),
+            faces.to(device=positions.device, dtype=torch.int32).contiguous(), (height, width), grad_db=False)
+        return rast
+    faces = faces.to(device=positions.device, dtype=torch.long)
+    return torch.stack([_rasterize_one(p, faces, height, width) for p in positions])
+
+
+def interpolate(attributes: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Per-vertex attributes [B or 1, V, C] or [V, C] blended at every pixel -> [B, H, W, C].
+
+    Pixels without a triangle get zeros (a valid-looking value: mask with ``rast[..., 3] > 0``).
+    Same result as ``nvdiffrast.torch.interpolate`` without derivatives; differentiable with respect
+    to ``attributes`` and to the barycentrics in ``rast``.
+    """
+    attributes = attributes[None] if attributes.ndim == 2 else attributes
+    batch = rast.shape[0]
+    if attributes.shape[0] not in (1, batch):
+        raise ValueError(f"attributes hold {attributes.shape[0]} batches for {batch} images")
+    triangle = rast[..., 3].long() - 1  # [B, H, W]; -1 where empty
+    covered = triangle >= 0
+    corners = faces.to(device=rast.device, dtype=torch.long)[triangle.clamp(min=0)]  # [B, H, W, 3]
+    weights = torch.stack([rast[..., 0], rast[..., 1], 1 - rast[..., 0] - rast[..., 1]], -1)  # [B, H, W, 3]
+    attributes = attributes.expand(batch, -1, -1)
+    values = torch.stack([attributes[b][corners[b]] for b in range(batch)])  # [B, H, W, 3, C]
+    out = (weights[..., None].to(values.dtype) * values).sum(-2)
+    return out * covered[..., None]
+
+
+def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The torch back-end for one image: clip [V, 4], faces [F, 3] (long) -> rast [H, W, 4]."""
+    device = clip.device
+    if len(faces) >= 1 << 31:
+        raise ValueError(f"at most 2^31 - 1 triangles per image, got {len(faces)}")
+    w = clip[:, 3]
+    # Screen positions in 1/16 pixel, as integers (nvdiffrast snaps vertices the same way).
+    scale = 1 << SUBPIXEL_BITS
+    safe_w = torch.where(w > 0, w, torch.ones_like(w))
+    x = torch.round((clip[:, 0] / safe_w + 1) * 0.5 * width * scale).to(torch.int64)
+    y = torch.round((clip[:, 1] / safe_w + 1) * 0.5 * height * scale).to(torch.int64)
+    z_ndc = clip[:, 2] / safe_w
+    ndc = (clip[:, :2] / safe_w[:, None]).double()
+
+    v0, v1, v2 = faces.unbind(1)
+    x0, x1, x2, y0, y1, y2 = x[v0], x[v1], x[v2], y[v0], y[v1], y[v2]
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)  # twice the signed area, in (1/16 px)²
+    keep = (area != 0) & (w[v0] > 0) & (w[v1] > 0) & (w[v2] > 0)
+    # Pixel bounding boxes: pixel x covers the sample at (x + 0.5)·16 subpixels.
+    def pixel_range(lo, hi, size):
+        first = torch.div(lo - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, size)
+        last = torch.div(hi - scale // 2, scale, rounding_mode="floor").clamp(-1, size - 1)
+        return first, last
+
+    xmin, xmax = pixel_range(torch.minimum(torch.minimum(x0, x1), x2), torch.maximum(torch.maximum(x0, x1), x2), width)
+    ymin, ymax = pixel_range(torch.minimum(torch.minimum(y0, y1), y2), torch.maximum(torch.maximum(y0, y1), y2), height)
+    spans_x, spans_y = (xmax - xmin + 1).clamp(min=0), (ymax - ymin + 1).clamp(min=0)
+    keep &= (spans_x > 0) & (spans_y > 0)
+    triangles = keep.nonzero().squeeze(1)
+
+    # The winner per pixel: the smallest (depth, triangle id), packed in one int64 so that one
+    # scatter-min decides the depth test and breaks exact ties by the lower id.
+    best = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    pairs = (spans_x * spans_y)[triangles]
+    for chunk in _chunks(triangles, pairs, PAIRS_PER_CHUNK):
+        tri, px, py = _candidate_pixels(chunk, xmin, ymin, spans_x, spans_y)
+        sx, sy = px * scale + scale // 2, py * scale + scale // 2
+        inside, b0, b1, b2 = _edge_weights(sx, sy, x[v0[tri]], y[v0[tri]], x[v1[tri]], y[v1[tri]],
+                                           x[v2[tri]], y[v2[tri]], area[tri])
+        tri, px, py, b0, b1, b2 = tri[inside], px[inside], py[inside], b0[inside], b1[inside], b2[inside]
+        depth = b0 * z_ndc[v0[tri]] + b1 * z_ndc[v1[tri]] + b2 * z_ndc[v2[tri]]  # screen-linear z/w
+        visible = (depth >= -1) & (depth <= 1)
+        key = (_sortable(depth[visible]) << 31) | tri[visible]
+        best.scatter_reduce_(0, py[visible] * width + px[visible], key, reduce="amin")
+
+    rast = torch.zeros(height * width, 4, device=device)
+    drawn = (best != torch.iinfo(torch.int64).max).nonzero().squeeze(1)
+    if len(drawn):
+        tri = best[drawn] & ((1 << 31) - 1)
+        px, py = drawn % width, torch.div(drawn, width, rounding_mode="floor")
+        # Coverage used the snapped vertices; the weights, as nvdiffrast's, use the exact ones.
+        b0, b1, b2 = _screen_weights((px.double() + 0.5) / width * 2 - 1, (py.double() + 0.5) / height * 2 - 1,
+                                     ndc[v0[tri]], ndc[v1[tri]], ndc[v2[tri]])
+        depth = b0 * z_ndc[v0[tri]] + b1 * z_ndc[v1[tri]] + b2 * z_ndc[v2[tri]]
+        # perspective-correct weights: screen weights over w, renormalised
+        p0, p1, p2 = b0 / w[v0[tri]].double(), b1 / w[v1[tri]].double(), b2 / w[v2[tri]].double()
+        total = p0 + p1 + p2
+        rast[drawn, 0] = (p0 / total).clamp(0, 1).float()
+        rast[drawn, 1] = (p1 / total).clamp(0, 1).float()
+        rast[drawn, 2] = depth.float()
+        rast[drawn, 3] = (tri + 1).float()
+    return rast.reshape(height, width, 4)
+
+
+def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):
+    """Splits ``triangles`` into runs whose candidate pixel counts sum to about ``limit``."""
+    if len(triangles) == 0:
+        return
+    ends = torch.cumsum(pairs, 0)
+    start, offset = 0, 0
+    while start < len(triangles):
+        stop = int(torch.searchsorted(ends, offset + limit, right=True))
+        stop = max(stop, start + 1)  # one huge triangle still goes through, on its own
+        yield triangles[start:stop]
+        offset = int(ends[stop - 1])
+        start = stop
+
+
+def _candidate_pixels(triangles, xmin, ymin, spans_x, spans_y):
+    """Every pixel of each triangle's bounding box: (triangle, x, y), flattened."""
+    counts = spans_x[triangles] * spans_y[triangles]
+    tri = torch.repeat_interleave(triangles, counts)
+    starts = torch.cumsum(counts, 0) - counts
+    local = torch.arange(int(counts.sum()), device=triangles.device) - torch.repeat_interleave(starts, counts)
+    width = spans_x[tri]
+    return tri, xmin[tri] + local % width, ymin[tri] + torch.div(local, width, rounding_mode="floor")
+
+
+def _edge_weights(sx, sy, x0, y0, x1, y1, x2, y2, area):
+    """Coverage with the top-left rule and screen-space barycentrics of samples (sx, sy).
+
+    All coordinates are integers in 1/16 pixel, so the edge functions are exact (int64). Returns
+    (inside, b0, b1, b2) with float64 weights of vertices 0, 1, 2.
+    """
+    sign = torch.sign(area)
+    # e_i: edge opposite vertex i, oriented so that the interior is positive for either winding.
+    e0 = ((x2 - x1) * (sy - y1) - (y2 - y1) * (sx - x1)) * sign
+    e1 = ((x0 - x2) * (sy - y2) - (y0 - y2) * (sx - x2)) * sign
+    e2 = ((x1 - x0) * (sy - y0) - (y1 - y0) * (sx - x0)) * sign
+    inside = torch.ones_like(e0, dtype=torch.bool)
+    for e, (ax, ay, bx, by) in ((e0, (x1, y1, x2, y2)), (e1, (x2, y2, x0, y0)), (e2, (x0, y0, x1, y1))):
+        dx, dy = (bx - ax) * sign, (by - ay) * sign
+        # A sample on the edge counts only for "top" or "left" edges (with y up): exactly one of
+        # two triangles sharing the edge sees it as such.
+        top_left = (dy < 0) | ((dy == 0) & (dx > 0))
+        inside &= (e > 0) | ((e == 0) & top_left)
+    total = (area * sign).double()
+    return inside, e0.double() / total, e1.double() / total, e2.double() / total
+
+
+def _screen_weights(px, py, a, b, c):
+    """Screen-space barycentric weights of points (px, py) in triangles (a, b, c), each [N, 2], float64."""
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    w0 = (b[:, 0] - px) * (c[:, 1] - py) - (b[:, 1] - py) * (c[:, 0] - px)
+    w1 = (c[:, 0] - px) * (a[:, 1] - py) - (c[:, 1] - py) * (a[:, 0] - px)
+    return w0 / area, w1 / area, 1 - (w0 + w1) / area
+
+
+def _sortable(values: torch.Tensor) -> torch.Tensor:
+    """Depths -> int64 keys in [0, 2^32) in the same order (through their float32 bit patterns)."""
+    bits = values.float().view(torch.int32).to(torch.int64)  # sign-extended
+    # Non-negative floats already order like their bits; for negative ones the magnitude bits run
+    # backwards, so they are mirrored below the positives.
+    return torch.where(bits < 0, -1 - (bits + (1 << 31)), bits) + (1 << 31)
