@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout: the library is
     sys.path.insert(0, str(REPO))
 
 #: Stages timed in each generation (seconds); "other" is the rest of the wall time (noise, overhead).
-STAGES = ("text", "denoise", "decode", "fields", "isosurface", "color", "export")
+STAGES = ("text", "denoise", "decode", "fields", "isosurface", "color", "texture", "export")
 DEFAULT_PROMPT = "a DSLR photo of a bald eagle"
 #: Points per chunk when the baseline evaluates the fields at every grid point.
 BASELINE_CHUNK = 262144
@@ -78,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--seed", type=int, default=42, help="noise seed (default: 42)")
+    parser.add_argument("--texture", choices=("vertex", "uv"), default="vertex",
+                        help="our pipeline's texturing: vertex colours as the baseline (default, so rows compare), "
+                             "or a baked UV texture (GLB with the texture embedded)")
+    parser.add_argument("--faces", type=int, help="simplify our mesh to about this many faces first")
+    parser.add_argument("--texture-size", type=int, default=1024, help="baked texture side (default: 1024)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON (they are always printed)")
     parser.add_argument("--no-baseline", action="store_true", help="time only our pipeline")
     parser.add_argument("--record", type=Path, metavar="BENCHMARKS.md",
@@ -247,16 +252,18 @@ def build_pipeline(variant: str, small: bool, device: str, dtype):
 # One generation, prompt -> GLB
 # ---------------------------------------------------------------------------------------------------
 
-def generate_ours(pipe, prompt: str, seed: int, resolution: int, glb: Path):
+def generate_ours(pipe, prompt: str, seed: int, resolution: int, glb: Path, texture: str = "vertex",
+                  faces: int | None = None, texture_size: int = 1024):
     """The library's pipeline call, then GLB export. Returns (stage timings, triplane, mesh)."""
     from triplane_turbo.export import export_mesh
 
-    out = pipe(prompt, seed=seed, mesh_resolution=resolution)
+    out = pipe(prompt, seed=seed, mesh_resolution=resolution, texture=texture, target_faces=faces,
+               texture_size=texture_size)
     timings = dict(out.timings)
     mesh = out.meshes[0]
     with _timer(timings, "export", pipe.device):
         if len(mesh.faces):
-            export_mesh(mesh, glb)
+            export_mesh(mesh, glb, texture=out.textures[0])
     return timings, out.triplane, mesh
 
 
@@ -367,7 +374,8 @@ def run_variant(args) -> dict:
                 _sync(args.device)
                 start = time.perf_counter()
                 if variant == "ours":
-                    timings, triplane, mesh = generate_ours(pipe, args.prompt, args.seed, args.resolution, glb)
+                    timings, triplane, mesh = generate_ours(pipe, args.prompt, args.seed, args.resolution, glb,
+                                                            args.texture, args.faces, args.texture_size)
                 else:
                     timings, triplane, mesh, sdf = generate_baseline(pipe, args.prompt, args.seed, args.resolution, glb)
                 _sync(args.device)
@@ -415,7 +423,10 @@ def _child_command(args, variant: str, report: Path, tensors: Path) -> list[str]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--report", str(report),
            "--tensors", str(tensors), "--device", args.device, "--dtype", args.dtype,
            "--runs", str(args.runs), "--warmup", str(args.warmup), "--resolution", str(args.resolution),
-           "--prompt", args.prompt, "--seed", str(args.seed)]
+           "--prompt", args.prompt, "--seed", str(args.seed), "--texture", args.texture,
+           "--texture-size", str(args.texture_size)]
+    if args.faces:
+        cmd += ["--faces", str(args.faces)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.small:
@@ -506,6 +517,7 @@ def combine(args, machine: dict, ours: dict, ours_t: dict, base: dict | None, ba
         "model": "tiny (triplane_turbo.tiny; harness smoke test)" if args.small else "SD-2.1-base + PETA, random weights",
         "device": args.device, "dtype": ours["dtype"], "resolution": args.resolution,
         "runs": args.runs, "warmup": args.warmup, "prompt": args.prompt, "seed": args.seed,
+        "texture": args.texture, "faces": args.faces, "texture_size": args.texture_size,
         "median_s": ours["median_s"], "runs_s": ours["runs_s"], "warmup_runs_s": ours["warmup_runs_s"],
         "stages": ours["stages"],
         "baseline_median_s": None, "baseline_runs_s": None, "speedup": None, "baseline_stages": None,
@@ -606,13 +618,17 @@ def table_row(result: dict, note: str) -> str:
 
     m = result["machine"]
     machine = m["cpu"] + f", {m['cores_available']} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
-    stages = "/".join(f(result["stages"].get(s), "{:.2f}") for s in STAGES)
+    stages = "/".join(f(result["stages"].get(s), "{:.2f}") for s in STAGES if s != "texture")
     err = result.get("field_error")
     notes = [n for n in (note,) if n]
     if result["model"].startswith("tiny"):
         notes.insert(0, "TINY MODEL, harness smoke test")
     if result["resolution"] != 160:
         notes.append(f"R = {result['resolution']}")
+    if result.get("faces"):
+        notes.append(f"simplified to {result['faces']} faces")
+    if result.get("texture") == "uv":
+        notes.append(f"UV texture {result['texture_size']}² (bake {f(result['stages'].get('texture'))} s, in the total)")
     if machine_busy(m):
         notes.append(f"machine busy: load {m['load_avg_start'][0]:.1f} at start")
     cells = [

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trimesh
 
@@ -21,15 +22,32 @@ def run_cli(*args, cwd, env=None):
 
 @pytest.mark.timeout(300)
 def test_tiny_chair_glb(tmp_path):
-    result = run_cli("a wooden chair", "--tiny", "-o", "chair.glb", "--seed", "3", "--resolution", "64", cwd=tmp_path)
+    """The default: a UV-textured GLB."""
+    result = run_cli("a wooden chair", "--tiny", "-o", "chair.glb", "--seed", "3", "--resolution", "64",
+                     "--texture-size", "512", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.glb"]  # nothing else written
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("chair.glb: ") and "seed 3" in summary and "vertices" in summary
-    scene = trimesh.load_scene(tmp_path / "chair.glb")
-    (mesh,) = scene.geometry.values()
-    colours = mesh.visual.vertex_attributes["color"]
-    assert len(mesh.faces) > 100 and colours[:, :3].std(axis=0).min() > 1
+    (mesh,) = trimesh.load_scene(tmp_path / "chair.glb").geometry.values()
+    image = np.asarray(mesh.visual.material.baseColorTexture)
+    assert len(mesh.faces) > 100 and image.shape[:2] == (512, 512) and image.reshape(-1, image.shape[-1]).std(0).min() > 1
+
+
+@pytest.mark.timeout(300)
+def test_vertex_colours_and_obj_with_its_texture(tmp_path):
+    result = run_cli("a wooden chair", "--tiny", "-o", "vc.glb", "--seed", "3", "--resolution", "64",
+                     "--texture", "vertex", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (mesh,) = trimesh.load_scene(tmp_path / "vc.glb").geometry.values()
+    assert mesh.visual.vertex_attributes["color"][:, :3].std(axis=0).min() > 1
+    result = run_cli("a wooden chair", "--tiny", "-o", "out/chair.obj", "--seed", "3", "--resolution", "64",
+                     "--faces", "1000", "--texture-size", "512", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chair.mtl", "chair.obj", "chair.png"]
+    assert "(+ chair.mtl, chair.png)" in result.stdout
+    loaded = trimesh.load(tmp_path / "out" / "chair.obj", force="mesh")
+    assert len(loaded.faces) <= 1100 and loaded.visual.material.image.size == (512, 512)
 
 
 @pytest.mark.timeout(300)
@@ -46,6 +64,8 @@ def test_format_from_flag(tmp_path):
     (["a chair", "--tiny", "-o", "x.fbx"], "unknown format"),
     (["a chair", "--steps", "0"], "num_steps must be an integer between 1 and 50"),  # before any loading
     (["a chair", "--tiny", "--steps", "51"], "num_steps must be an integer between 1 and 50"),
+    (["a chair", "--tiny", "--texture-size", "128"], "--texture-size must be between 512 and 4096"),
+    (["a chair", "--tiny", "--faces", "3"], "--faces must be between"),
 ])
 def test_bad_input_exits_with_a_message(tmp_path, args, message):
     result = run_cli(*args, cwd=tmp_path)

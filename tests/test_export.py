@@ -11,7 +11,7 @@ import pytest
 import trimesh
 
 from triplane_turbo import export as export_module
-from triplane_turbo.export import FORMATS, export_mesh, to_display_frame
+from triplane_turbo.export import FORMATS, export_mesh, linear_vertex_colors, to_display_frame
 
 
 @pytest.fixture
@@ -75,6 +75,10 @@ def test_round_trip_keeps_vertices_faces_and_colours(mesh, tmp_path, file_format
     if file_format == "obj":
         # OBJ's "v x y z r g b" lines carry no alpha.
         np.testing.assert_array_equal(colors[:, :3], expected[:, :3])
+    elif file_format == "glb":
+        # glTF's COLOR_0 is linear light: the sRGB values are converted (alpha is not a colour)
+        np.testing.assert_array_equal(colors, linear_vertex_colors(expected))
+        assert np.array_equal(colors[:, 3], expected[:, 3]) and (colors[:, :3] <= expected[:, :3]).all()
     else:
         np.testing.assert_array_equal(colors, expected)
 
@@ -172,3 +176,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(mesh, tmp_path, monk
     export_mesh(mesh, path)  # a successful write replaces the old file
     assert path.read_bytes().startswith(b"ply\n")
     assert os.listdir(tmp_path) == ["mesh.ply"]
+
+
+def test_color_0_is_linear_light(tmp_path):
+    """sRGB 188 is 50 % linear light; 0 and 255 stay; a V-shaped mistake (linear -> sRGB) would give 225."""
+    grey = trimesh.creation.icosphere(subdivisions=1)
+    grey.visual.vertex_colors = np.tile([188, 0, 255, 255], (len(grey.vertices), 1)).astype(np.uint8)
+    colors = reloaded_colors(export_mesh(grey, tmp_path / "grey.glb"), "glb")
+    assert (colors == [128, 0, 255, 255]).all()

@@ -25,8 +25,23 @@ def test_prompt_to_coloured_closed_mesh(tiny_pipe):
     assert out.seeds == [5]
     assert out.triplane.shape == (1, 6, tiny_pipe.spec.plane_channels, 32, 32)
     assert out.latents.shape == (6, 4, 16, 16)
-    assert [s for s, *_ in stages] == ["text"] + ["denoise"] * 4 + ["decode", "fields", "isosurface", "color"]
-    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color"}
+    assert [s for s, *_ in stages] == ["text"] + ["denoise"] * 4 + ["decode", "fields", "isosurface", "color",
+                                                                    "texture"]
+    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color", "texture"}
+    (texture,) = out.textures  # a UV texture by default
+    assert texture.base_color.shape == (1024, 1024, 3) and texture.normal is None  # no normal map unless simplified
+    assert np.array_equal(texture.vmapping[texture.faces], mesh.faces)
+
+
+def test_vertex_colours_only(tiny_pipe):
+    stages = []
+    out = tiny_pipe("a wooden chair", seed=5, mesh_resolution=RES, texture="vertex",
+                    callback=lambda *a: stages.append(a[0]))
+    assert out.textures == [None] and "texture" not in stages and "texture" not in out.timings
+    with pytest.raises(ValueError, match="texture must be one of"):
+        tiny_pipe("a chair", seed=1, mesh_resolution=RES, texture="png")
+    with pytest.raises(ValueError, match="texture size must be between 64 and 4096"):
+        tiny_pipe("a chair", seed=1, mesh_resolution=RES, texture_size=8192)
 
 
 def test_seed_reproduces_and_differs(tiny_pipe):
@@ -259,7 +274,7 @@ def test_a_cpu_run_never_touches_cuda(tiny_pipe, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     out = tiny_pipe("a chair", seed=1, mesh_resolution=32)
-    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color"}
+    assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color", "texture"}
 
 
 def test_building_the_tiny_model_leaves_the_global_random_state_alone(tmp_path):

@@ -30,6 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     parser.add_argument("--resolution", type=int, default=160, help="marching-cubes grid per axis, 32-512")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (the model is distilled for 4)")
+    parser.add_argument("--texture", choices=("uv", "vertex"), default="uv",
+                        help="uv: a UV atlas with the colour field baked into an image (default); "
+                             "vertex: colours at the vertices only (faster, detail follows the triangle count)")
+    parser.add_argument("--texture-size", type=int, default=1024, help="side of the baked texture, 512-4096")
+    parser.add_argument("--faces", type=int, default=None,
+                        help="simplify to about this many faces (with --texture uv a normal map keeps the "
+                             "full surface's shading)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         validate_prompts(args.prompt)
         validate_resolution(args.resolution)
         validate_num_steps(args.steps)
+        if not 512 <= args.texture_size <= 4096:
+            raise ValueError(f"--texture-size must be between 512 and 4096, got {args.texture_size}")
+        if args.faces is not None and not 100 <= args.faces <= 10_000_000:
+            raise ValueError(f"--faces must be between 100 and 10000000, got {args.faces}")
         if args.seed is not None:
             validate_seed(args.seed)
     except (TypeError, ValueError) as exc:
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
-        result = pipe(args.prompt, seed=args.seed, num_steps=args.steps, mesh_resolution=args.resolution)
+        result = pipe(args.prompt, seed=args.seed, num_steps=args.steps, mesh_resolution=args.resolution,
+                      target_faces=args.faces, texture=args.texture, texture_size=args.texture_size)
         generate_s = time.perf_counter() - start
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -102,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no surface for this prompt and seed {result.seeds[0]}; try another seed", file=sys.stderr)
         return 1
     output.parent.mkdir(parents=True, exist_ok=True)
-    path = export_mesh(mesh, output, file_format)
-    print(f"{path}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, seed {result.seeds[0]}, "
+    path = export_mesh(mesh, output, file_format, texture=result.textures[0])
+    extra = f" (+ {path.stem}.mtl, {path.stem}.png)" if file_format == "obj" and result.textures[0] is not None else ""
+    print(f"{path}{extra}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, seed {result.seeds[0]}, "
           f"{generate_s:.1f} s on {device} ({str(dtype).removeprefix('torch.')}; load {load_s:.1f} s)")
     return 0
 

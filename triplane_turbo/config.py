@@ -31,6 +31,8 @@ NUM_PLANES = 6
 MAX_SEED = 2**63 - 1
 #: Most denoising steps accepted (the model was distilled for 4).
 MAX_STEPS = 50
+#: How meshes are coloured: a baked UV texture, or colours at the vertices only.
+TEXTURE_MODES = ("uv", "vertex")
 #: Marching-cubes resolutions accepted by the library.
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 512
 
@@ -46,6 +48,9 @@ class GenerationConfig:
         sphere_radius: radius of the SDF's sphere prior, ``sdf = mlp(f) + (|p| - radius)``.
         field_chunk: grid points evaluated at once; bounds memory at high resolutions. None picks
             per device: 2^16 on the CPU (cache-sized), 2^21 on CUDA (few launches, ~0.5 GB per buffer).
+        texture: "uv" (a UV atlas with the colour field baked into an image) or "vertex"
+            (vertex colours only, as the authors' demo).
+        texture_size: side of the baked texture in texels.
     """
 
     num_steps: int = 4
@@ -53,6 +58,8 @@ class GenerationConfig:
     mesh_resolution: int = 160
     sphere_radius: float = 0.5
     field_chunk: int | None = None
+    texture: str = "uv"
+    texture_size: int = 1024
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,20 @@ Meshes come out of ``isosurface.marching_cubes`` in the MODEL frame. Every expor
 demo's reorientation ``(x, y, z) -> (y, z, x)``: +Y is up and the object's front faces +Z, i.e. a
 viewer looking down -Z sees it (the glTF convention). The map is a cyclic permutation of the axes,
 a proper rotation, so triangle winding (outward normals) is kept.
+
+With a baked ``texture.UVTexture``: GLB embeds it (PNG base colour, and the normal map if there is
+one) in a non-metallic PBR material; OBJ is written as ``name.obj`` + ``name.mtl`` + ``name.png``.
+PLY keeps vertex colours; STL is geometry only. Vertex colours in a GLB's COLOR_0 are converted
+from the colour field's sRGB values to linear, as glTF defines that attribute.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import tempfile
+import zipfile
 
 import numpy as np
 import trimesh
@@ -18,6 +25,8 @@ from trimesh.exchange.gltf import export_glb
 from trimesh.exchange.obj import export_obj
 from trimesh.exchange.ply import export_ply
 from trimesh.exchange.stl import export_stl
+
+from .texture import UVTexture, srgb_to_linear, to_uint8
 
 #: File formats ``export_mesh`` writes.
 FORMATS = ("glb", "obj", "ply", "stl")
@@ -46,14 +55,20 @@ def _vertex_colors(mesh: trimesh.Trimesh) -> np.ndarray | None:
     return np.asarray(mesh.visual.vertex_colors, dtype=np.uint8)
 
 
+def linear_vertex_colors(colors: np.ndarray) -> np.ndarray:
+    """sRGB uint8 RGBA [V, 4] -> the same colours in linear light (alpha unchanged), uint8."""
+    linear = np.array(colors, dtype=np.uint8, copy=True)
+    linear[:, :3] = to_uint8(srgb_to_linear(colors[:, :3] / 255.0))
+    return linear
+
+
 def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None) -> bytes:
-    """Encodes a GLB whose material renders the vertex colours unlit-looking, not dark.
+    """Encodes a vertex-coloured GLB whose material renders the colours, not a dark metal.
 
     A ColorVisuals mesh is written without a material, so glTF's default one applies
     (metallicFactor = 1) and viewers show the object almost black. A white, non-metallic PBR
-    material multiplied by COLOR_0 shows the colours as they are. The colours stay the sRGB bytes
-    the renderer produced (viewers treat COLOR_0 as linear, so they look slightly lighter than in
-    the renders; we keep the bytes rather than guess a conversion).
+    material multiplied by COLOR_0 shows the colours as they are; COLOR_0 holds them in linear
+    light, as glTF defines it (the colour field gives display sRGB values).
     """
     material = trimesh.visual.material.PBRMaterial(
         baseColorFactor=[255, 255, 255, 255],
@@ -65,27 +80,74 @@ def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | Non
     if colors is not None:
         # trimesh's glTF exporter writes vertex_attributes["color"] as COLOR_0 next to the
         # material of a TextureVisuals mesh.
-        visual.vertex_attributes["color"] = colors
+        visual.vertex_attributes["color"] = linear_vertex_colors(colors)
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
     return export_glb(mesh, include_normals=False)
 
 
-def _encode(mesh: trimesh.Trimesh, file_format: str) -> bytes:
-    """Encodes a display-frame mesh (vertex colours in ``visual``, if any) in ``file_format``."""
+def _obj_files(mesh: trimesh.Trimesh, name: str, texture: UVTexture | None) -> dict[str, bytes]:
+    """OBJ text, plus ``name.mtl`` and ``name.png`` when there is a texture."""
+    if texture is None:
+        # Vertex colours go on the "v x y z r g b" lines; no .mtl is produced.
+        text = export_obj(mesh, include_normals=False, include_color=True, include_texture=False, resolver=None)
+        return {f"{name}.obj": text.encode("utf-8")}
+    from PIL import Image
+
+    textured = texture.textured_mesh(mesh)
+    text = export_obj(textured, include_normals=False, include_color=False, include_texture=True,
+                      return_texture=True, mtl_name=f"{name}.mtl")[0]
+    png = io.BytesIO()
+    Image.fromarray(texture.base_color).save(png, format="PNG")
+    # Written here rather than taken from trimesh: its .mtl names the image "material_0.png" and
+    # sets a grey ambient and a specular term that DCC tools then add to the texture.
+    mtl = (f"# TriplaneTurbo: base colour baked from the colour field (sRGB)\nnewmtl material_0\n"
+           f"Ka 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nillum 1\nmap_Kd {name}.png\n")
+    return {f"{name}.obj": text.encode("utf-8"), f"{name}.mtl": mtl.encode("utf-8"), f"{name}.png": png.getvalue()}
+
+
+def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
+                texture: UVTexture | None = None) -> dict[str, bytes]:
+    """The files of ``mesh`` in ``file_format``, by file name: ``{name.<format>: bytes, ...}``.
+
+    Args:
+        mesh: [V, 3] vertices and [F, 3] faces in the MODEL frame, optionally with uint8 RGBA vertex
+            colours; not modified.
+        file_format: one of ``FORMATS``.
+        name: file name without suffix (OBJ's ``.mtl`` and ``.png`` take the same name).
+        texture: a baked texture of this mesh (used by GLB and OBJ).
+    """
+    if file_format not in FORMATS:
+        raise ValueError(f"unknown mesh format {file_format!r}; allowed: {', '.join(FORMATS)}")
+    if len(mesh.vertices) == 0 or len(mesh.faces) == 0:
+        raise ValueError("cannot export an empty mesh")
+    if texture is not None and (len(texture.faces) != len(mesh.faces)
+                                or not np.array_equal(texture.vmapping[texture.faces], mesh.faces)):
+        raise ValueError("the texture was baked for another mesh (its faces do not match)")
+    colors = _vertex_colors(mesh)
+    display = trimesh.Trimesh(  # a fresh mesh so the caller's mesh (and its caches) stay untouched
+        vertices=to_display_frame(np.asarray(mesh.vertices, dtype=np.float64)),
+        faces=np.asarray(mesh.faces, dtype=np.int64),
+        vertex_colors=colors,
+        process=False,
+    )
     if file_format == "glb":
-        return _glb_bytes(mesh.vertices, mesh.faces, _vertex_colors(mesh))
+        if texture is not None:
+            return {f"{name}.glb": export_glb(texture.textured_mesh(display), include_normals=True)}
+        return {f"{name}.glb": _glb_bytes(display.vertices, display.faces, colors)}
     if file_format == "obj":
-        # Vertex colours go on the "v x y z r g b" lines; without textures no .mtl is produced,
-        # and no resolver is passed, so nothing could be written beside the file anyway.
-        text = export_obj(
-            mesh, include_normals=False, include_color=True, include_texture=False, resolver=None
-        )
-        return text.encode("utf-8")
+        return _obj_files(display, name, texture)
     if file_format == "ply":
-        return export_ply(mesh, encoding="binary", vertex_normal=False)
-    if file_format == "stl":
-        return export_stl(mesh)
-    raise AssertionError(file_format)  # unreachable: callers validate against FORMATS
+        return {f"{name}.ply": export_ply(display, encoding="binary", vertex_normal=False)}
+    return {f"{name}.stl": export_stl(display)}
+
+
+def zip_files(files: dict[str, bytes]) -> bytes:
+    """Files by name -> one zip archive (an OBJ with its .mtl and .png, as one download)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
@@ -112,6 +174,7 @@ def export_mesh(
     mesh: trimesh.Trimesh,
     path: str | os.PathLike,
     file_format: str | None = None,
+    texture: UVTexture | None = None,
 ) -> pathlib.Path:
     """Writes a model-frame mesh to ``path`` in the display frame.
 
@@ -120,12 +183,14 @@ def export_mesh(
             RGBA vertex colours in ``mesh.visual.vertex_colors``; not modified.
         path: destination file; its folder must exist.
         file_format: one of ``FORMATS``; taken from the path's suffix when None.
+        texture: the mesh's baked texture (``TriplaneTurboOutput.textures``), for GLB and OBJ.
 
     Returns:
-        The written path.
+        The written path (an OBJ with a texture also writes ``.mtl`` and ``.png`` of the same name
+        beside it).
 
-    GLB and PLY (binary) and OBJ keep the vertex colours (OBJ keeps RGB only, no alpha);
-    STL holds geometry only.
+    Without a texture, GLB and PLY (binary) and OBJ keep the vertex colours (OBJ keeps RGB only,
+    no alpha); STL holds geometry only.
     """
     path = pathlib.Path(path)
     fmt = (file_format if file_format is not None else path.suffix.lstrip(".")).lower()
@@ -133,16 +198,8 @@ def export_mesh(
         raise ValueError(
             f"unknown mesh format {fmt!r} (from {path.name!r}); allowed: {', '.join(FORMATS)}"
         )
-    if len(mesh.vertices) == 0 or len(mesh.faces) == 0:
-        raise ValueError("cannot export an empty mesh")
-
-    # Build a fresh mesh so the caller's mesh (and its caches) stay untouched.
-    colors = _vertex_colors(mesh)
-    display = trimesh.Trimesh(
-        vertices=to_display_frame(np.asarray(mesh.vertices, dtype=np.float64)),
-        faces=np.asarray(mesh.faces, dtype=np.int64),
-        vertex_colors=colors,
-        process=False,
-    )
-    _write_atomic(path, _encode(display, fmt))
+    files = encode_mesh(mesh, fmt, path.stem, texture)
+    for name, data in files.items():
+        target = path if name == f"{path.stem}.{fmt}" else path.with_name(name)
+        _write_atomic(target, data)
     return path

@@ -21,16 +21,17 @@ import trimesh
 
 from . import adapter as peta
 from . import hub
-from .config import (MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_RESOLUTION, NUM_PLANES, GenerationConfig,
-                     WeightSources)
+from .config import (MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_RESOLUTION, NUM_PLANES, TEXTURE_MODES,
+                     GenerationConfig, WeightSources)
 from .isosurface import extract_surface, grid_to_world, remove_floaters, simplify
-from .texture import vertex_colors
+from .texture import UVTexture, bake_texture, validate_texture_size, vertex_colors
 from .triplane import Fields, TriplaneFields
 
 logger = logging.getLogger(__name__)
 
 #: Progress callback: ``callback(stage, step, total)``; stages are "text", "denoise", "decode",
-#: "fields", "isosurface" and "color" (one call when a stage, or a denoising step, finishes).
+#: "fields", "isosurface", "color" and, for UV textures, "texture" (one call when a stage, or a
+#: denoising step, or one object's part of a stage, finishes).
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -45,6 +46,8 @@ class TriplaneTurboOutput:
     Attributes:
         meshes: one ``trimesh.Trimesh`` per prompt, model frame, vertex colours as uint8 RGBA
             (empty when the SDF had no zero crossing).
+        textures: per mesh, its baked ``UVTexture`` (``texture="uv"``), or None (vertex colours
+            only, or an empty mesh). ``export.export_mesh(mesh, path, texture=texture)`` writes both.
         triplane: [B, 6, C, H, W] feature planes (geometry xy/xz/yz, then texture).
         latents: [6B, 4, h, w] the last step's x̂₀.
         seeds: the seed each object's noise was drawn from (None when a generator or latents were given).
@@ -56,6 +59,7 @@ class TriplaneTurboOutput:
     latents: torch.Tensor
     seeds: list[int | None]
     timings: dict[str, float] = field(default_factory=dict)
+    textures: list[UVTexture | None] = field(default_factory=list)
 
 
 def validate_prompts(prompt: str | Sequence[str]) -> list[str]:
@@ -443,6 +447,28 @@ class TriplaneTurboPipeline:
         vertices = grid_to_world(surface.vertices(offsets.to(surface.t.device)), surface.resolution, self.fields.bbox)
         return vertices, surface.faces.cpu().numpy()
 
+    @torch.inference_mode()
+    def bake_textures(self, triplane: torch.Tensor, meshes: list[trimesh.Trimesh], texture_size: int | None = None,
+                      normal_map: bool = False, *, callback: ProgressCallback | None = None,
+                      timings: dict | None = None) -> list[UVTexture | None]:
+        """One baked ``UVTexture`` per mesh (None for an empty mesh): UV atlas, colour field per texel.
+
+        Args:
+            triplane: [B, 6, C, H, W]; meshes: the B meshes of ``extract_meshes`` (model frame).
+            texture_size: texture side, 64-4096 (default ``config.texture_size``, 1024).
+            normal_map: also bake a tangent-space normal map from the SDF's gradient.
+        """
+        size = validate_texture_size(self.config.texture_size if texture_size is None else texture_size)
+        timings = {} if timings is None else timings
+        textures: list[UVTexture | None] = []
+        for b, mesh in enumerate(meshes):
+            with _timer(timings, self.device, "texture"):
+                textures.append(bake_texture(self.fields, triplane[b:b + 1], mesh, size, normal_map=normal_map,
+                                             chunk=self._field_chunk()) if len(mesh.faces) else None)
+            if callback:
+                callback("texture", b + 1, len(meshes))
+        return textures
+
     def _field_chunk(self) -> int:
         if self.config.field_chunk is not None:
             return self.config.field_chunk
@@ -456,6 +482,7 @@ class TriplaneTurboPipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  num_steps: int | None = None, mesh_resolution: int | None = None,
                  remove_floaters_below: float | None = None, target_faces: int | None = None,
+                 texture: str | None = None, texture_size: int | None = None, normal_map: bool | None = None,
                  callback: ProgressCallback | None = None) -> TriplaneTurboOutput:
         """Generate one textured mesh per prompt.
 
@@ -470,11 +497,21 @@ class TriplaneTurboPipeline:
             mesh_resolution: marching-cubes grid per axis, 32–512 (default 160).
             remove_floaters_below: drop connected parts smaller than this fraction of the largest.
             target_faces: simplify each mesh to about this many faces.
+            texture: "uv" (default: a UV atlas with the colour field baked into an image, kept in
+                ``out.textures``) or "vertex" (vertex colours only; faster).
+            texture_size: side of the baked texture, 64-4096 (default 1024).
+            normal_map: bake a tangent-space normal map too (default: when ``target_faces``
+                simplifies the mesh, so the light mesh keeps the full isosurface's shading).
             callback: ``callback(stage, step, total)`` after each stage / denoising step.
         """
         prompts = validate_prompts(prompt)
         resolution = validate_resolution(self.config.mesh_resolution if mesh_resolution is None else mesh_resolution)
         num_steps = validate_num_steps(self.config.num_steps if num_steps is None else num_steps)
+        texture = self.config.texture if texture is None else texture
+        if texture not in TEXTURE_MODES:
+            raise ValueError(f"texture must be one of {TEXTURE_MODES}, got {texture!r}")
+        texture_size = validate_texture_size(self.config.texture_size if texture_size is None else texture_size)
+        normal_map = bool(target_faces) if normal_map is None else bool(normal_map)
         b = len(prompts)
         seeds: list[int | None] = [None] * b
         if latents is None and generator is None:
@@ -485,12 +522,12 @@ class TriplaneTurboPipeline:
             if len(seeds) != b:
                 raise ValueError(f"got {len(seeds)} seeds for {b} prompts")
         timings: dict[str, float] = {}
-        total_steps = num_steps + 4
+        total_steps = num_steps + 4 + (texture == "uv")
         bar = _progress_bar(total_steps, self._progress_bar_config)
 
         def report(stage: str, step: int, total: int) -> None:
-            if stage != "isosurface":
-                bar.update(1 if stage != "color" or step == total else 0)
+            if stage not in ("isosurface", "color", "texture") or step == total:
+                bar.update(0 if stage == "isosurface" else 1)
             bar.set_postfix_str(stage)
             if callback:
                 callback(stage, step, total)
@@ -512,9 +549,12 @@ class TriplaneTurboPipeline:
             report("decode", 1, 1)
             meshes = self.extract_meshes(triplane, resolution, remove_floaters_below=remove_floaters_below,
                                          target_faces=target_faces, callback=report, timings=timings)
+            textures = self.bake_textures(triplane, meshes, texture_size, normal_map, callback=report,
+                                          timings=timings) if texture == "uv" else [None] * b
         finally:
             bar.close()
-        return TriplaneTurboOutput(meshes=meshes, triplane=triplane, latents=final, seeds=seeds, timings=timings)
+        return TriplaneTurboOutput(meshes=meshes, triplane=triplane, latents=final, seeds=seeds, timings=timings,
+                                   textures=textures)
 
 
 @contextmanager

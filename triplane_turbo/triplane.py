@@ -126,18 +126,26 @@ class TriplaneFields(nn.Module):
             geometry feature [B, N, C] (sum of the three planes) and texture feature
             [B, N, 3C] (concatenation [xy, xz, yz]).
         """
-        b, planes, c, h, w = triplane.shape
+        return self.geometry_feature(triplane, points), self.texture_feature(triplane, points)
+
+    def geometry_feature(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """[B, N, C]: the three geometry planes sampled at world points [B, N, 3], summed."""
+        xy, xz, yz = self._sample_three(triplane[:, :3], points).unbind(1)
+        return xy + xz + yz
+
+    def texture_feature(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """[B, N, 3C]: the three texture planes sampled at world points [B, N, 3], concatenated."""
+        xy, xz, yz = self._sample_three(triplane[:, 3:], points).unbind(1)
+        return torch.cat([xy, xz, yz], dim=-1)
+
+    def _sample_three(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Planes [B, 3, C, H, W] (xy, xz, yz) bilinearly sampled at world points [B, N, 3] -> [B, 3, N, C]."""
+        b, _, c, h, w = planes.shape
         coords = plane_coordinates(self.normalize(points).float())  # [3, B, N, 2]
         grid = coords.permute(1, 0, 2, 3).reshape(b * 3, 1, -1, 2)
-        samples = []
-        for half in (triplane[:, :3], triplane[:, 3:]):
-            s = F.grid_sample(half.reshape(b * 3, c, h, w).float(), grid, mode="bilinear",
-                              padding_mode="zeros", align_corners=False)  # [B·3, C, 1, N]
-            samples.append(s.reshape(b, 3, c, -1).permute(0, 1, 3, 2))  # [B, 3, N, C]
-        geo, tex = samples
-        geometry = geo[:, 0] + geo[:, 1] + geo[:, 2]
-        texture = torch.cat([tex[:, 0], tex[:, 1], tex[:, 2]], dim=-1)
-        return geometry, texture
+        s = F.grid_sample(planes.reshape(b * 3, c, h, w).float(), grid, mode="bilinear",
+                          padding_mode="zeros", align_corners=False)  # [B·3, C, 1, N]
+        return s.reshape(b, 3, c, -1).permute(0, 1, 3, 2)
 
     def forward(self, triplane: torch.Tensor, points: torch.Tensor) -> Fields:
         """All fields at world points [B, N, 3] (see ``Fields`` for shapes)."""
@@ -155,13 +163,17 @@ class TriplaneFields(nn.Module):
     def sphere_prior(self, points: torch.Tensor) -> torch.Tensor:
         return points.float().norm(dim=-1, keepdim=True) - self.sphere_radius
 
+    def sdf(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """[B, N, 1] signed distance at world points (sphere prior included)."""
+        return self.sdf_network(self.geometry_feature(triplane, points)) + self.sphere_prior(points)
+
     def deformation(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """[B, N, 3] grid deformation at world points."""
-        return self.deformation_network(self.sample_planes(triplane, points)[0])
+        return self.deformation_network(self.geometry_feature(triplane, points))
 
     def color(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """[B, N, 3] activated colour at world points."""
-        return color_activation(self.feature_network(self.sample_planes(triplane, points)[1]))
+        return color_activation(self.feature_network(self.texture_feature(triplane, points)))
 
     # -- grid queries ------------------------------------------------------------------------------
     def grid_points(self, resolution: int) -> torch.Tensor:
