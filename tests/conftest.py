@@ -9,6 +9,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -43,8 +44,11 @@ def tiny_pipe(tiny_model_dir):
 # The web app (tests/test_app.py, tests/test_browser.py): `python app.py --tiny` in a subprocess
 # ---------------------------------------------------------------------------------------------
 REPO = TESTS.parent
-#: Output-folder budget of the test server: room for about seven tiny results at resolution 128.
+#: Output-folder budget of the test server: room for about six tiny results at resolution 128
+#: (each about 6 MB with its 1024² texture in the GLB and the OBJ zip).
 APP_OUTPUT_MAX_BYTES = 40_000_000
+#: How long the cold-start servers' model takes to load (tests/slow_app.py).
+SLOW_LOAD_SECONDS = 8
 
 
 @dataclass
@@ -63,14 +67,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """`python app.py --tiny` on a free port, configured only through its environment.
+@contextmanager
+def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_env: dict | None = None):
+    """An app server in a subprocess, configured only through its environment, until the block ends.
 
     OMP_NUM_THREADS=1: on the 2-vCPU test machines torch's default two threads make the tiny
-    model 3-5x slower than one thread (measured), and the app's queue runs one generation at a time.
+    model 3-5x slower than one thread (measured), and the app runs one generation at a time.
     """
-    root = tmp_path_factory.mktemp("app-server")
     workdir, output_dir, tmpdir = root / "cwd", root / "outputs", root / "tmp"
     for folder in (workdir, tmpdir):
         folder.mkdir()
@@ -79,20 +82,20 @@ def app_server(tmp_path_factory):
            "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
            "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),
            "TMPDIR": str(tmpdir), "GRADIO_TEMP_DIR": str(tmpdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(REPO), **(extra_env or {})}
     log = root / "server.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--tiny"], cwd=workdir, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *command], cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
             text = log.read_text(errors="replace")
-            if "Running on local URL" in text and "model ready" in text:
+            if all(marker in text for marker in ready):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the app did not start (exit code {proc.poll()}):\n{text[-4000:]}")
-            time.sleep(0.3)
+            time.sleep(0.1)
         yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES)
     finally:
         proc.terminate()
@@ -101,3 +104,18 @@ def app_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """`python app.py --tiny` on a free port, with its model loaded."""
+    with running_app(tmp_path_factory.mktemp("app-server"), [str(REPO / "app.py"), "--tiny"],
+                     ("Running on local URL", "model ready")) as server:
+        yield server
+
+
+def slow_app(tmp_path_factory, name: str, fail: str = ""):
+    """`python app.py --tiny` whose model takes SLOW_LOAD_SECONDS to load (then fails, if ``fail``):
+    handed out the moment the page answers, while the model is still loading."""
+    return running_app(tmp_path_factory.mktemp(name), [str(TESTS / "slow_app.py")], ("Running on local URL",),
+                       {"SLOW_APP_SECONDS": str(SLOW_LOAD_SECONDS), "SLOW_APP_FAIL": fail})

@@ -1,16 +1,21 @@
-"""The web app (app.py): its API through gradio_client against `python app.py --tiny`, plus the
-handlers' error paths on stub pipelines.
+"""The web app (app.py): its API through gradio_client against `python app.py --tiny`, the cold start of a
+sleeping Space, and the handlers' error paths on stub pipelines.
 
 The live server is the session fixture ``app_server`` (tests/conftest.py): tiny random model, CPU,
-a temporary output folder with a ~30 MB budget, and an empty current directory.
+a temporary output folder with a 40 MB budget, and an empty current directory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,14 +26,19 @@ import torch
 import trimesh
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 import app as webapp
 from triplane_turbo import GenerationConfig, TriplaneTurboOutput
-from triplane_turbo.app_support import ModelLoader, ResultStore
+from triplane_turbo.app_support import ModelLoader, OutputFolderError, ResultStore
 from triplane_turbo.config import MAX_SEED
 
-PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify", "target_faces"]
-STAGES = {"text", "denoise", "decode", "fields", "isosurface", "color", "export"}
+from .conftest import SLOW_LOAD_SECONDS, slow_app
+
+PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify", "target_faces",
+              "texture"]
+STAGES = {"text", "denoise", "decode", "fields", "isosurface", "color", "texture", "export"}
+KINDS = ("glb", "obj", "ply", "stl")
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +52,31 @@ def generate(client, prompt="a frog wearing a sweater", seed=1, resolution=128, 
                 simplify=False, target_faces=20000)
     args.update(kwargs)
     glb, info, used_seed, *files, link = client.predict(**args, api_name="/generate")
-    return dict(glb=glb, info=info, seed=used_seed, files=dict(zip(("glb", "obj", "ply", "stl"), files)), link=link)
+    return dict(glb=glb, info=info, seed=used_seed, files=dict(zip(KINDS, files)), link=link)
 
 
 def glb_mesh(path) -> trimesh.Trimesh:
-    """The GLB's single geometry; trimesh keeps COLOR_0 in visual.vertex_attributes["color"]."""
+    """The GLB's single geometry (textured, or with COLOR_0 in visual.vertex_attributes["color"])."""
     (geometry,) = trimesh.load_scene(path, process=False).geometry.values()
     return geometry
 
 
-def entries(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+def load_download(path, kind) -> trimesh.Trimesh:
+    if kind == "glb":
+        return glb_mesh(path)
+    if kind == "obj":  # a zip of name.obj + name.mtl + name.png
+        folder = Path(path).with_suffix("")
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(archive.namelist())
+            archive.extractall(folder)
+        stem = Path(path).name.removesuffix("-obj.zip")
+        assert names == [f"{stem}.mtl", f"{stem}.obj", f"{stem}.png"]
+        return trimesh.load(folder / f"{stem}.obj", force="mesh", process=False)
+    return trimesh.load(path, force="mesh", process=False)
+
+
+def entries(output_dir: Path) -> list[Path]:
+    return [p for p in (output_dir / "files").iterdir() if len(p.name) == 32]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -62,45 +86,75 @@ def folder_bytes(folder: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # The live server
 # ---------------------------------------------------------------------------------------------
-def test_one_public_endpoint_with_named_parameters(client):
+def test_two_public_endpoints_with_named_parameters(client):
     api = client.view_api(return_format="dict", print_info=False)
-    assert list(api["named_endpoints"]) == ["/generate"]
+    assert sorted(api["named_endpoints"]) == ["/generate", "/variants"]
     assert not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]] == PARAMETERS
+    assert [p["parameter_name"] for p in api["named_endpoints"]["/variants"]["parameters"]] == \
+        ["prompt", "seed", "count", "mesh_resolution"]
 
 
-@pytest.mark.timeout(60)
-def test_generate_returns_a_coloured_glb_details_and_downloads(client, app_server):
+@pytest.mark.timeout(90)
+def test_generate_returns_a_textured_glb_details_and_downloads(client, app_server):
     result = generate(client, seed=11)
     info = result["info"]
     assert info["seed"] == result["seed"] == 11
     assert info["cached"] is False and info["device"] == "cpu" and info["model_revision"] == "tiny"
     assert set(info["timings"]) == STAGES and all(t >= 0 for t in info["timings"].values())
     mesh = glb_mesh(result["glb"])
-    assert (len(mesh.vertices), len(mesh.faces)) == (info["vertices"], info["faces"]) and info["faces"] > 100
-    colors = np.asarray(mesh.visual.vertex_attributes["color"])
-    assert colors.shape == (info["vertices"], 4) and np.ptp(colors[:, :3]) > 0  # coloured, not one grey
+    assert len(mesh.faces) == info["faces"] > 100
+    image = np.asarray(mesh.visual.material.baseColorTexture.convert("RGB"))
+    assert image.shape == (1024, 1024, 3) and image.reshape(-1, 3).std(0).min() > 1  # a texture, not one grey
+    assert mesh.visual.material.metallicFactor == 0.0
     # Upright (+Y up) and centred: the tiny model's blob sits around the origin.
     assert np.all(np.abs(mesh.bounds).max(axis=0) < 1.1)
-    for fmt, path in result["files"].items():
-        assert Path(path).name == info["files"][fmt] and Path(path).name.startswith("triplaneturbo-")
-        loaded = trimesh.load(path, force="mesh", process=False) if fmt != "glb" else glb_mesh(path)
-        assert len(loaded.faces) == info["faces"], fmt
-    on_disk = list(app_server.output_dir.glob(f"*/{info['files']['glb']}"))
+    for kind, path in result["files"].items():
+        assert Path(path).name == info["files"][kind] and Path(path).name.startswith("triplaneturbo-")
+        assert len(load_download(path, kind).faces) == info["faces"], kind
+    on_disk = list(app_server.output_dir.glob(f"files/*/{info['files']['glb']}"))
     assert len(on_disk) == 1 and on_disk[0].read_bytes() == Path(result["glb"]).read_bytes()
+    preview = np.asarray(Image.open(on_disk[0].parent / info["files"]["preview"]))
+    assert (np.abs(preview.astype(int) - preview[0, 0]).max(-1) > 12).mean() > 0.05  # the object is drawn
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(result["link"]).query)
     assert result["link"].startswith(app_server.url)
     assert query == {"prompt": ["a frog wearing a sweater"], "seed": ["11"], "resolution": ["128"]}
 
 
 @pytest.mark.timeout(90)
+def test_a_new_mesh_shows_with_vertex_colours_while_its_texture_bakes(client):
+    """A streamed update: first the vertex-coloured mesh, then the textured one with the downloads."""
+    async def outputs():
+        job = client.submit(prompt="a glass teapot", seed=21, randomize_seed=False, mesh_resolution=128,
+                            api_name="/generate")
+        while not job.done():
+            await asyncio.sleep(0.2)
+        return job.outputs()
+
+    first, last = asyncio.run(outputs())
+    assert first[1]["status"] == "baking the texture…" and first[0] != last[0]
+    pending, final = glb_mesh(first[0]), glb_mesh(last[0])
+    assert np.ptp(np.asarray(pending.visual.vertex_attributes["color"])[:, :3]) > 0  # vertex colours
+    assert final.visual.material.baseColorTexture is not None and len(final.faces) == len(pending.faces)
+
+
+@pytest.mark.timeout(90)
+def test_vertex_colours_on_request(client):
+    result = generate(client, seed=11, texture="vertex")
+    assert result["info"]["texture"] == "vertex" and "texture" not in result["info"]["timings"]
+    colors = np.asarray(glb_mesh(result["glb"]).visual.vertex_attributes["color"])
+    assert np.ptp(colors[:, :3]) > 0
+    assert "texture=vertex" in result["link"]
+
+
+@pytest.mark.timeout(120)
 def test_same_settings_give_the_same_mesh_and_repeats_come_from_the_cache(client, app_server):
     first = generate(client, prompt="a corgi taking a selfie", seed=5, remove_floaters=True)
     again = generate(client, prompt="a corgi taking a selfie", seed=5, remove_floaters=True)
     assert first["info"]["cached"] is False and again["info"]["cached"] is True
     assert Path(again["glb"]).read_bytes() == Path(first["glb"]).read_bytes()
     # Drop the cached entry: a real second generation gives the same vertices.
-    (entry,) = [p.parent for p in app_server.output_dir.glob(f"*/{first['info']['files']['glb']}")]
+    (entry,) = [p.parent for p in app_server.output_dir.glob(f"files/*/{first['info']['files']['glb']}")]
     shutil.rmtree(entry)
     fresh = generate(client, prompt="a corgi taking a selfie", seed=5, remove_floaters=True)
     assert fresh["info"]["cached"] is False
@@ -108,6 +162,7 @@ def test_same_settings_give_the_same_mesh_and_repeats_come_from_the_cache(client
     # Different settings are a different entry.
     other = generate(client, prompt="a corgi taking a selfie", seed=5, simplify=True, target_faces=2000)
     assert other["info"]["cached"] is False and other["info"]["faces"] <= 2100
+    assert glb_mesh(other["glb"]).visual.material.normalTexture is not None  # a simplified mesh gets a normal map
 
 
 @pytest.mark.timeout(60)
@@ -115,6 +170,32 @@ def test_a_random_seed_is_reported_and_written_back(client):
     result = generate(client, seed=0, randomize_seed=True)
     assert isinstance(result["seed"], int) and result["seed"] == result["info"]["seed"]
     assert f"seed={result['seed']}" in result["link"]
+
+
+@pytest.mark.timeout(180)
+def test_variants_are_the_meshes_generate_gives_for_each_seed(client, app_server):
+    gallery, files = client.predict(prompt="a humanoid robot", seed=10, count=4, mesh_resolution=128,
+                                    api_name="/variants")
+    assert [item["caption"] for item in gallery] == ["seed 10", "seed 11", "seed 12", "seed 13"]
+    for item in gallery:
+        preview = np.asarray(Image.open(item["image"]).convert("RGB")).astype(int)
+        assert (np.abs(preview - preview[0, 0]).max(-1) > 12).mean() > 0.05, "a blank preview"
+    assert len(files) == 4 and all(len(glb_mesh(f).faces) > 100 for f in files)
+    twelve = generate(client, prompt="a humanoid robot", seed=12)
+    assert Path(twelve["glb"]).read_bytes() == Path(files[2]).read_bytes() and twelve["info"]["cached"]
+    # made again from nothing (no cache), generate(seed=12) is the same mesh up to float rounding
+    shutil.rmtree(next(app_server.output_dir.glob(f"files/*/{twelve['info']['files']['glb']}")).parent)
+    fresh = generate(client, prompt="a humanoid robot", seed=12)
+    assert fresh["info"]["cached"] is False
+    a, b = glb_mesh(fresh["glb"]), glb_mesh(files[2])
+    assert len(a.faces) == len(b.faces) and np.abs(np.sort(a.vertices, 0) - np.sort(b.vertices, 0)).max() < 1e-4
+
+
+@pytest.mark.parametrize("count, message", [(0, "between 1 and 8"), (99, "between 1 and 8"), (2.5, "whole number"),
+                                            ("many", "whole number")])
+def test_bad_variant_counts_get_a_clear_error(client, count, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(prompt="a chair", seed=1, count=count, mesh_resolution=128, api_name="/variants")
 
 
 BAD_INPUTS = [
@@ -140,6 +221,8 @@ BAD_INPUTS = [
     (dict(remove_floaters="no"), "true or false"),
     (dict(simplify=True, target_faces=10), "between"),
     (dict(simplify=True, target_faces="many"), "whole number"),
+    (dict(texture="png"), "texture must be one of"),
+    (dict(texture=None), "texture must be one of"),
 ]
 
 
@@ -157,7 +240,7 @@ def test_the_server_keeps_serving_after_errors(client):
     assert generate(client, seed=12)["info"]["faces"] > 0
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_odd_prompts_are_just_text(client, app_server):
     cleaned = generate(client, prompt="a frog\x00 wearing\x1b a\tsweater", seed=2)
     assert cleaned["info"]["prompt"] == "a frog wearing a sweater"
@@ -172,7 +255,7 @@ def test_odd_prompts_are_just_text(client, app_server):
     assert not any("passwd" in p.name for p in app_server.output_dir.rglob("*"))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_twenty_concurrent_requests_are_all_answered(client):
     seeds = [100 + i % 5 for i in range(20)]  # five distinct results, each asked four times
     with ThreadPoolExecutor(20) as pool:
@@ -186,16 +269,16 @@ def test_twenty_concurrent_requests_are_all_answered(client):
     assert sum(not r["info"]["cached"] for r in results) == 5
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_the_output_folder_stays_bounded(client, app_server):
-    for seed in range(200, 203):
+    for seed in range(200, 204):
         generate(client, prompt="a steam engine train, high resolution", seed=seed)
         assert folder_bytes(app_server.output_dir) <= app_server.max_bytes
-    # This module made well over a dozen results of 5-6 MB each; only the newest fit.
+    # This module made well over a dozen results of about 6 MB each; only the newest fit.
     assert 3 <= len(entries(app_server.output_dir)) <= app_server.max_bytes // 5_000_000
 
 
-def test_only_the_output_folder_is_served(app_server):
+def test_only_the_result_files_are_served(app_server):
     def status(path) -> int:
         try:
             with urllib.request.urlopen(app_server.url + "gradio_api/file=" + urllib.parse.quote(str(path))) as r:
@@ -203,85 +286,158 @@ def test_only_the_output_folder_is_served(app_server):
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    glb = next(app_server.output_dir.glob("*/*.glb"))
+    glb = next(app_server.output_dir.glob("files/*/*.glb"))
     assert status(glb) == 200
-    for path in (webapp.ASSETS.parent / "app.py", webapp.ASSETS / "examples.txt", Path("/etc/passwd"), app_server.log):
+    record = next(app_server.output_dir.glob("records/*.json"))  # prompts and settings stay private
+    for path in (record, app_server.output_dir / ".triplane-turbo-results", webapp.ASSETS.parent / "app.py",
+                 webapp.ASSETS / "examples.txt", Path("/etc/passwd"), app_server.log):
         assert status(path) == 403, path
 
 
 def test_nothing_is_written_outside_the_output_folder(app_server):
     assert list(app_server.workdir.iterdir()) == []
-    mesh_suffixes = {".glb", ".obj", ".ply", ".stl"}
+    mesh_suffixes = {".glb", ".obj", ".ply", ".stl", ".zip", ".png"}
     assert not [p for p in app_server.tmpdir.rglob("*") if p.suffix in mesh_suffixes]  # no copies in Gradio's cache
 
 
 # ---------------------------------------------------------------------------------------------
-# Handlers on stub pipelines: loading, load failures, CUDA out of memory, no surface
+# A sleeping Space waking up: the page answers before the model is loaded
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
+    with slow_app(tmp_path_factory, "cold-start") as server:
+        started = time.monotonic()
+        client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
+        assert "model ready" not in server.log.read_text()  # the page answers while the weights load
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda seed: generate(client, seed=seed), (3, 4, 3)))
+        assert all(r["info"]["faces"] > 100 for r in results)
+        assert time.monotonic() - started >= SLOW_LOAD_SECONDS * 0.5  # they did wait for the model
+        assert Path(results[0]["glb"]).read_bytes() == Path(results[2]["glb"]).read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_load_is_a_clear_error_for_every_caller(tmp_path_factory):
+    with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny") as server:
+        client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
+        with ThreadPoolExecutor(3) as pool:
+            calls = [pool.submit(generate, client, seed=s) for s in (1, 2, 3)]
+            for call in calls:
+                with pytest.raises(AppError, match="could not be loaded: offline with nothing cached: run with --tiny"):
+                    call.result()
+        with pytest.raises(AppError, match="could not be loaded"):  # and later ones
+            generate(client, seed=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers on stub pipelines: loading, load failures, CUDA out of memory, no surface, the cache
 # ---------------------------------------------------------------------------------------------
 class StubPipe:
-    revision, device, dtype, config = "stub", torch.device("cpu"), torch.float32, GenerationConfig()
+    revision, config = "stub", GenerationConfig()
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, dtype=torch.float32):
+        self.run, self.device, self.dtype, self.fields = run, torch.device("cpu"), dtype, None
+        self.calls = 0
 
     def set_progress_bar_config(self, **kwargs):
         pass
 
-    def to(self, *args):
-        return self
-
-    def __call__(self, prompt, *, seed, callback=None, **kwargs):
-        return self.run(prompt, seed)
+    def __call__(self, prompts, *, seed, callback=None, **kwargs):
+        self.calls += 1
+        return self.run(prompts, seed)
 
 
-def sphere_output(prompt, seed):
+def sphere_output(prompts, seeds):
     sphere = trimesh.creation.icosphere(subdivisions=2)
     sphere.visual.vertex_colors = np.tile([200, 100, 50, 255], (len(sphere.vertices), 1)).astype(np.uint8)
-    return TriplaneTurboOutput(meshes=[sphere], triplane=None, latents=None, seeds=[seed], timings={"text": 0.0})
+    return TriplaneTurboOutput(meshes=[sphere.copy() for _ in seeds], triplane=torch.zeros(len(seeds), 6, 1, 2, 2),
+                               latents=None, seeds=list(seeds), timings={"text": 0.0})
 
 
 def stub_app(tmp_path, pipe_or_loader) -> webapp.TriplaneTurboApp:
     loader = pipe_or_loader if isinstance(pipe_or_loader, ModelLoader) else ModelLoader.loaded(pipe_or_loader)
-    return webapp.TriplaneTurboApp(loader, ResultStore(tmp_path / "outputs"), device="cpu")
+    return webapp.TriplaneTurboApp(loader, ResultStore(tmp_path / "outputs"))
 
 
-def call(app, prompt="a chair", seed=3):
-    return app.generate(prompt, seed, False, 128)
+class Progress:
+    """Records what a handler reports."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, value, desc=None):
+        self.lines.append(desc)
 
 
-def test_requests_while_the_weights_load_get_a_clear_message(tmp_path):
-    import threading
+def call(app, prompt="a chair", seed=3, progress=None):
+    return webapp._last(app.generate(prompt, seed, False, 128, texture="vertex", progress=progress or Progress()))
 
+
+def slow_loader(pipe, seconds=None, fail=None, wait=None):
+    def build():
+        if wait is not None:
+            wait.wait(10)
+        else:
+            time.sleep(seconds)
+        if fail:
+            raise fail
+        return pipe
+
+    return ModelLoader(lambda _: "stub", build, device="cpu", dtype="float32")
+
+
+def test_requests_while_the_weights_load_wait_for_them(tmp_path):
     release = threading.Event()
-    loader = ModelLoader(lambda: (release.wait(10), StubPipe(sphere_output))[1])
+    loader = slow_loader(StubPipe(sphere_output), wait=release)
     app = stub_app(tmp_path, loader)
-    with pytest.raises(gr.Error, match="still loading"):
-        call(app)
-    assert "Loading" in loader.status()
-    release.set()
-    assert loader.wait(10)
-    assert call(app)[1]["faces"] == 320
+    threading.Timer(1.5, release.set).start()
+    progress = Progress()
+    assert "Loading" in loader.status() and "wait" in loader.status()
+    assert call(app, progress=progress)[1]["faces"] == 320
+    assert any(line and line.startswith("Loading the model") for line in progress.lines)
+    assert loader.status().startswith("Model ready")
 
 
 def test_a_load_failure_is_reported_to_every_request(tmp_path):
     from triplane_turbo import WeightsNotAvailableError
 
-    def fail():
-        raise WeightsNotAvailableError("offline: run with --tiny")
-
-    loader = ModelLoader(fail, background=False)
-    with pytest.raises(gr.Error, match="could not be loaded: offline: run with --tiny"):
-        call(stub_app(tmp_path, loader))
+    loader = slow_loader(StubPipe(sphere_output), 0.2, fail=WeightsNotAvailableError("offline: run with --tiny"))
+    app = stub_app(tmp_path, loader)
+    with ThreadPoolExecutor(3) as pool:
+        for future in [pool.submit(call, app, seed=s) for s in (1, 2, 3)]:
+            with pytest.raises(gr.Error, match="could not be loaded: offline: run with --tiny"):
+                future.result()
     assert "offline" in loader.status()
+
+
+def test_cached_results_need_neither_the_model_nor_the_gpu(tmp_path):
+    """A shared link to a stored result is answered while the model loads and while the GPU is busy."""
+    app = stub_app(tmp_path, StubPipe(sphere_output))
+    first = call(app, seed=8)
+    never = threading.Event()
+    waiting = webapp.TriplaneTurboApp(slow_loader(StubPipe(sphere_output), wait=never), app.store)
+    with waiting._gpu:  # another generation holds the GPU
+        started = time.monotonic()
+        again = call(waiting, seed=8)
+    assert again[1]["cached"] is True and again[0] == first[0] and time.monotonic() - started < 5
+    never.set()
+
+
+def test_the_cache_key_includes_device_and_dtype(tmp_path):
+    half = StubPipe(sphere_output, dtype=torch.float16)
+    call(stub_app(tmp_path, half), seed=4)
+    full = StubPipe(sphere_output)
+    result = call(webapp.TriplaneTurboApp(ModelLoader.loaded(full), ResultStore(tmp_path / "outputs")), seed=4)
+    assert result[1]["cached"] is False and full.calls == 1  # a float16 result is not served to a float32 app
 
 
 def test_cuda_out_of_memory_is_a_clear_error_and_the_app_recovers(tmp_path):
     outcomes = [torch.cuda.OutOfMemoryError("CUDA out of memory"), None]
 
-    def run(prompt, seed):
+    def run(prompts, seeds):
         if (outcome := outcomes.pop(0)) is not None:
             raise outcome
-        return sphere_output(prompt, seed)
+        return sphere_output(prompts, seeds)
 
     app = stub_app(tmp_path, StubPipe(run))
     with pytest.raises(gr.Error, match="ran out of memory"):
@@ -290,14 +446,14 @@ def test_cuda_out_of_memory_is_a_clear_error_and_the_app_recovers(tmp_path):
 
 
 def test_no_surface_is_a_clear_error(tmp_path):
-    empty = StubPipe(lambda prompt, seed: TriplaneTurboOutput([trimesh.Trimesh()], None, None, [seed], {}))
+    empty = StubPipe(lambda prompts, seeds: TriplaneTurboOutput([trimesh.Trimesh()], torch.zeros(1), None, seeds, {}))
     with pytest.raises(gr.Error, match="no surface for this seed"):
         call(stub_app(tmp_path, empty))
     assert entries(tmp_path / "outputs") == []
 
 
 def test_unexpected_failures_become_a_generic_error(tmp_path):
-    def boom(prompt, seed):
+    def boom(prompts, seeds):
         raise RuntimeError("secret internal detail")
 
     with pytest.raises(gr.Error, match="Generation failed \\(RuntimeError\\)") as caught:
@@ -305,23 +461,62 @@ def test_unexpected_failures_become_a_generic_error(tmp_path):
     assert "secret" not in str(caught.value)
 
 
+def test_history_is_newest_first_bounded_and_clearable(tmp_path):
+    app = stub_app(tmp_path, StubPipe(sphere_output))
+    history = {"version": 1, "entries": []}
+    for seed in range(webapp.HISTORY_SIZE + 3):
+        result = call(app, seed=seed)[-1]
+        history, gallery = app.remember(result, history)
+    assert len(history["entries"]) == webapp.HISTORY_SIZE == len(gallery)
+    assert history["entries"][0]["seed"] == webapp.HISTORY_SIZE + 2 and gallery[0][1].endswith(f"seed {webapp.HISTORY_SIZE + 2}")
+    assert all(Path(path).parent == app.store.root / "thumbs" for path, _ in gallery)
+    again, _ = app.remember(history["entries"][3], history)  # opening an older one moves it to the top
+    assert again["entries"][0] == history["entries"][3] and len(again["entries"]) == webapp.HISTORY_SIZE
+    cleared, items = app.clear_history()
+    assert cleared == {"version": 1, "entries": []} and cleared and items == []  # truthy: BrowserState stores it
+
+
+# ---------------------------------------------------------------------------------------------
+# The result store
+# ---------------------------------------------------------------------------------------------
 def test_the_store_evicts_old_and_least_recently_used_entries_only(tmp_path):
     import os
-    import time
 
     store = ResultStore(tmp_path, max_bytes=2500, max_age_s=3600)
     now = time.time()
     for i, age in enumerate([7200, 300, 200, 100]):  # the first is too old
         key = ResultStore.key(n=i)
-        (tmp_path / key).mkdir()
-        (tmp_path / key / "data").write_bytes(b"x" * 1000)
-        os.utime(tmp_path / key, (now - age, now - age))
-    foreign = tmp_path / "my-notes"
-    foreign.mkdir()
-    (foreign / "big").write_bytes(b"x" * 10_000)
+        (tmp_path / "files" / key).mkdir()
+        (tmp_path / "files" / key / "data").write_bytes(b"x" * 1000)
+        (tmp_path / "records" / f"{key}.json").write_text("{}")
+        os.utime(tmp_path / "files" / key, (now - age, now - age))
     removed = store.enforce_limits(keep=ResultStore.key(n=1))
     assert removed == [ResultStore.key(n=0), ResultStore.key(n=2)]  # too old, then the oldest unkept
-    assert foreign.exists() and len(store.entries()) == 2
+    assert len(store.entries()) == 2 and not (tmp_path / "records" / f"{ResultStore.key(n=0)}.json").exists()
+
+
+def test_the_store_refuses_a_folder_with_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match="'notes.txt'.*--output-dir"):
+        ResultStore(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    # the first app version's entries are its own: cleared, not refused
+    old = tmp_path / "old"
+    (old / ("a" * 32)).mkdir(parents=True)
+    (old / ".staging-x").mkdir()
+    ResultStore(old)
+    assert sorted(p.name for p in old.iterdir()) == [".staging", ".triplane-turbo-results", "files", "records", "thumbs"]
+
+
+def test_the_app_refuses_the_working_directory_as_output_folder(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "app.py").write_text("# someone's code")
+    result = subprocess.run([sys.executable, str(webapp.ASSETS.parent / "app.py"), "--tiny", "--output-dir", "."],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "already holds files this app did not make ('app.py')" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.py"]
 
 
 def test_command_line_and_environment(monkeypatch):
@@ -333,3 +528,46 @@ def test_command_line_and_environment(monkeypatch):
     args = webapp.parse_args(["--output-dir", "x", "--device", "cpu", "--share"])
     assert (args.output_dir, args.device, args.share) == ("x", "cpu", True)
     assert len(webapp.load_examples()) >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement per device (ZeroGPU itself cannot run here: `spaces` needs a CUDA build of torch)
+# ---------------------------------------------------------------------------------------------
+def test_zero_gpu_builds_on_the_main_thread_and_places_the_model_on_cuda_before_launch(monkeypatch, tiny_pipe):
+    """The ZeroGPU branch of make_loader: loaded at once on this thread in float16, fields for baking
+    kept on the CPU, `.to("cuda")` called here (spaces' emulation intercepts it on the main thread)."""
+    from triplane_turbo import TriplaneTurboPipeline, hub
+
+    calls = []
+    stub = copy_of(tiny_pipe)
+    monkeypatch.setattr(hub, "resolve", lambda *a, **k: hub.ResolvedWeights(Path("."), Path("."), "rev", k["variant"]))
+    monkeypatch.setattr(TriplaneTurboPipeline, "from_resolved", classmethod(
+        lambda cls, weights, **kw: (calls.append(("build", weights.variant, kw, threading.current_thread())), stub)[1]))
+    monkeypatch.setattr(stub, "to", lambda device: (calls.append(("to", device, threading.current_thread())), stub)[1])
+    loader, bake_fields = webapp.make_loader(False, "cuda", zero_gpu=True)
+    assert loader.ready() and loader.device == "cuda" and loader.dtype == "float16"
+    (_, variant, kwargs, build_thread), (_, device, move_thread) = calls
+    assert variant == "fp16" and kwargs == {"dtype": torch.float16} and device == "cuda"
+    assert build_thread is move_thread is threading.main_thread()
+    assert bake_fields is not stub.fields and bake_fields.bbox.device.type == "cpu"
+
+
+def copy_of(pipe):
+    import copy
+
+    return copy.copy(pipe)
+
+
+def test_the_gpu_duration_grows_with_resolution_and_batch():
+    assert webapp._gpu_seconds(["a"], [1], 160, False, None, object()) == 25
+    assert webapp._gpu_seconds(["a"] * 4, [1, 2, 3, 4], 160, False, None, object()) == 43
+    assert webapp._gpu_seconds(["a"], [1], 384) == 60
+
+
+def test_the_device_and_dtype_follow_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert webapp.pick_device(None) == "cpu" and webapp.pick_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert webapp.pick_device(None) == "mps"
+    assert webapp.app_dtype("mps") == webapp.app_dtype("cuda") == torch.float16  # MPS: not run here (no Apple GPU)
