@@ -600,8 +600,9 @@ def build_demo(model, output_dir, *, tiny: bool | None = None, max_bytes: float 
                                                   elem_id="variants", allow_preview=False)
                     variant_files = gr.File(label="Variant GLBs", file_count="multiple", elem_id="variant-files")
             with gr.Column(scale=3):
-                model3d = gr.Model3D(label="Mesh", camera_position=(90, 75, None), clear_color=(0.96, 0.96, 0.97, 1.0),
-                                     height=440, interactive=False, elem_id="model3d")
+                model3d = gr.Model3D(str(store.empty_glb), label="Mesh", camera_position=(90, 75, None),
+                                     clear_color=(0.96, 0.96, 0.97, 1.0), height=440, interactive=False,
+                                     elem_id="model3d")
                 with gr.Row():
                     downloads = [gr.DownloadButton(f"Download {label}", size="sm", elem_id=f"download-{fmt}")
                                  for fmt, label in (("glb", "GLB"), ("obj", "OBJ (zip)"), ("ply", "PLY"), ("stl", "STL"))]
@@ -636,8 +637,10 @@ def build_demo(model, output_dir, *, tiny: bool | None = None, max_bytes: float 
                               preprocess=False, concurrency_limit=None)
         selected = [*outputs, prompt, randomize, resolution, floaters, simplify, faces, texture]
         variants_gallery.select(app.pick_variant, [chosen_variants], selected, concurrency_limit=None,
+                                show_progress_on=[model3d],
                                 **private).success(**remember)
         history_gallery.select(app.pick_history, [history], selected, concurrency_limit=None,
+                               show_progress_on=[model3d],
                                **private).success(**remember)
         clear.click(app.clear_history, None, [history, history_gallery], **private)
         demo.load(app.on_load, None, [status, *inputs, link_trigger], **private)

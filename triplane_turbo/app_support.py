@@ -16,6 +16,7 @@ waiting and later request.
     <root>/files/<key>/…               served to the browser: GLB, OBJ zip, PLY, STL, preview PNG
     <root>/records/<key>.json          not served: prompt, settings, timings
     <root>/thumbs/<sha>.jpg            served: history thumbnails, by content
+    <root>/files/empty.glb             served: the viewer's empty first value
 
 File names come from a hash of the settings, never from the prompt. Only ``files/`` and ``thumbs/``
 are served; the store refuses a root that holds anything else (``--output-dir .`` would otherwise
@@ -210,6 +211,9 @@ class ResultStore:
         self._claim_root()
         for name in ("files", "records", "thumbs", ".staging"):
             (self.root / name).mkdir(exist_ok=True)
+        self.empty_glb = self.root / "files" / "empty.glb"
+        if not self.empty_glb.exists():
+            _write_atomic(self.empty_glb, _EMPTY_GLB)
 
     @property
     def served(self) -> list[Path]:
@@ -346,6 +350,20 @@ class ResultStore:
                 if not (self.root / "files" / record.stem).exists() and now - record.stat().st_mtime > 60:
                     record.unlink(missing_ok=True)
         return removed
+
+
+def _empty_glb() -> bytes:
+    """A GLB that draws nothing (one zero-area triangle): the viewer's first value, so that its 3D
+    canvas is set up when the page loads. (Gradio 6.31's Model3D loses its renderer when the first
+    mesh it gets is sent twice in quick succession, as a one-step streaming event does.)"""
+    import numpy as np
+    import trimesh
+    from trimesh.exchange.gltf import export_glb
+
+    return export_glb(trimesh.Trimesh(np.zeros((3, 3)), [[0, 1, 2]], process=False))
+
+
+_EMPTY_GLB = _empty_glb()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

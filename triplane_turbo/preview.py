@@ -68,8 +68,9 @@ def render_preview(mesh: trimesh.Trimesh, texture: UVTexture | None = None, size
         vertices, normals, faces = vertices[texture.vmapping], normals[texture.vmapping], torch.as_tensor(texture.faces)
 
     low, high = vertices.min(0).values, vertices.max(0).values
-    centre, radius = (low + high) / 2, float((high - low).norm() / 2)
-    distance = radius / math.sin(math.radians(FOV) / 2) * 1.05
+    centre = (low + high) / 2
+    radius = float((vertices - centre).norm(dim=1).max())  # the sphere around the box centre that holds it
+    distance = radius / math.sin(math.radians(FOV) / 2) * 1.15
     az, el = math.radians(AZIMUTH), math.radians(ELEVATION)
     eye = centre + distance * torch.tensor([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)],
                                            dtype=torch.float64)
