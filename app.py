@@ -597,7 +597,8 @@ def build_demo(model, output_dir, *, tiny: bool | None = None, max_bytes: float 
                                       info="Several meshes from consecutive seeds, in one go.", elem_id="count")
                     variants_button = gr.Button("Make variants", elem_id="make-variants")
                     variants_gallery = gr.Gallery(label="Variants (click one to open it)", columns=4, height=220,
-                                                  elem_id="variants", allow_preview=False)
+                                                  fit_columns=False, object_fit="contain", elem_id="variants",
+                                                  allow_preview=False)
                     variant_files = gr.File(label="Variant GLBs", file_count="multiple", elem_id="variant-files")
             with gr.Column(scale=3):
                 model3d = gr.Model3D(str(store.empty_glb), label="Mesh", camera_position=(90, 75, None),
@@ -612,7 +613,8 @@ def build_demo(model, output_dir, *, tiny: bool | None = None, max_bytes: float 
         history = gr.BrowserState({"version": 1, "entries": []}, **HISTORY_STORAGE)
         with gr.Accordion("History (this browser)", open=True):
             history_gallery = gr.Gallery(label="Your results, newest first (click one to open it)", columns=8,
-                                         height=160, elem_id="history", allow_preview=False)
+                                         height=170, fit_columns=False, object_fit="contain", elem_id="history",
+                                         allow_preview=False)
             clear = gr.Button("Clear history", size="sm", elem_id="clear-history")
 
         result = gr.State(None)  # the latest result, for the history

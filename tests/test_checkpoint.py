@@ -2,6 +2,7 @@
 and loud, precise errors for any file that does not fit."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,18 @@ def test_every_tensor_of_the_file_changes_the_model(state_dict):
             count += param.numel()
     count += sum(p.numel() for p in pipe.fields.parameters()) + pipe.fields.bbox.numel()
     assert count == sum(t.numel() for t in state_dict.values())
+
+
+def test_the_facts_the_code_cites_are_in_the_repository():
+    """Modules cite docs/CHECKPOINT.md by section; every cited section exists there (and nothing
+    points outside the repository any more)."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    headings = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", (repo / "docs" / "CHECKPOINT.md").read_text(), re.M))
+    cited = set()
+    for path in (repo / "triplane_turbo").glob("*.py"):
+        text = path.read_text()
+        assert "shared/reference" not in text, path
+        cited |= set(re.findall(r"docs/CHECKPOINT\.md §(\d+(?:\.\d+)?)", text))
+    assert cited and cited <= headings, cited - headings
