@@ -29,7 +29,6 @@ import os
 import secrets
 import threading
 import time
-import unicodedata
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from triplane_turbo.app_support import (Entry, ModelLoader, ModelNotReadyError, OutputFolderError, ResultStore,
                                         thumbnail_jpeg)
 from triplane_turbo.config import MAX_SEED
-from triplane_turbo.pipeline import PromptTruncatedWarning, default_dtype
+from triplane_turbo.pipeline import PromptTruncatedWarning, clean_text, default_dtype
 from triplane_turbo.preview import render_preview
 from triplane_turbo.texture import bake_texture
 
@@ -99,13 +98,8 @@ def clean_prompt(prompt) -> tuple[str, list[str]]:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise gr.Error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}. "
                        "Only the first ~75 words reach the model anyway.")
-    whitespace = {"\t", "\n", "\r", "\v", "\f"}
-    kept = [" " if c in whitespace else c for c in prompt
-            if c in whitespace or unicodedata.category(c) not in ("Cc", "Cs")]  # controls, lone surrogates
-    notes = []
-    if removed := len(prompt) - len(kept):
-        notes.append(f"Removed {removed} control character{'s' * (removed > 1)} from the prompt.")
-    text = " ".join("".join(kept).split())
+    text, removed = clean_text(prompt)
+    notes = [f"Removed {removed} control character{'s' * (removed > 1)} from the prompt."] if removed else []
     if not text:
         raise gr.Error("The prompt is empty once control characters are removed: describe an object.")
     return text, notes

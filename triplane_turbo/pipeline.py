@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +74,14 @@ def validate_prompts(prompt: str | Sequence[str]) -> list[str]:
         if not p.strip():
             raise ValueError("prompt is empty: describe the object to generate, e.g. 'a wooden chair'")
     return list(prompts)
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """A prompt with control characters removed (tabs and newlines become spaces) and whitespace
+    collapsed, and the number of characters removed."""
+    kept = [" " if c.isspace() else c for c in text
+            if c.isspace() or unicodedata.category(c) not in ("Cc", "Cs")]  # controls, lone surrogates
+    return " ".join("".join(kept).split()), len(text) - len(kept)
 
 
 def validate_seed(seed) -> int:

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Throughput of batch generation (``triplane_turbo.batch.run_batch``) for several batch sizes.
+
+Runs the same prompts with B = 1, 4, 8 prompts per pipeline call in one process, writing the meshes
+to a temporary folder, after one untimed warm-up batch; reports meshes per second. The tiny model
+measures the harness and the CPU-side costs (export, baking); on a GPU with the real weights the
+networks dominate and batching pays.
+
+    python bench/batch.py --tiny --record BENCHMARKS.md
+    python bench/batch.py --device cuda --prompts 64 --record BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SECTION = "## Batch generation"
+TABLE = """| date | commit | machine | device, dtype | model | prompts | R | texture | batch size | meshes/s | s per mesh |
+|---|---|---|---|---|---|---|---|---|---|---|
+"""
+PROMPTS = ["a wooden chair", "a red sports car", "a teapot", "a corgi taking a selfie", "a steam engine train",
+           "a humanoid robot playing the cello", "a table with dim sum on it", "a frog wearing a sweater"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/batch.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model (else the published weights)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per batch size")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--texture", choices=("vertex", "uv"), nargs="+", default=["vertex", "uv"])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--record", type=Path, metavar="BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from triplane_turbo import TriplaneTurboPipeline, default_dtype
+    from triplane_turbo.batch import BatchSettings, PromptLine, run_batch
+    from triplane_turbo.tiny import tiny_pipeline
+
+    dtype = default_dtype(args.device)
+    pipe = tiny_pipeline(device=args.device, dtype=dtype) if args.tiny else \
+        TriplaneTurboPipeline.from_pretrained(device=args.device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    lines = [PromptLine(i + 1, PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
+    rows = []
+    for texture in args.texture:
+        settings = BatchSettings(mesh_resolution=args.resolution, texture=texture, texture_size=1024)
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
+                run_batch(pipe, lines[:size], Path(tmp), settings, batch_size=size)  # warm-up
+            with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
+                start = time.perf_counter()
+                stats = run_batch(pipe, lines, Path(tmp), settings, batch_size=size, base_seed=1000)
+                seconds = time.perf_counter() - start
+            row = dict(texture=texture, batch_size=size, prompts=len(lines), ok=stats.ok, seconds=seconds,
+                       meshes_per_second=stats.ok / seconds)
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=_commit(),
+                  machine=_machine(args.device), device=args.device, dtype=str(dtype).removeprefix("torch."),
+                  model="tiny" if args.tiny else "published", resolution=args.resolution, rows=rows,
+                  threads=torch.get_num_threads())
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.record:
+        record(args.record, result)
+    return 0
+
+
+def _commit():
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _machine(device: str) -> str:
+    from bench.texture import _machine as machine
+
+    return machine(device)
+
+
+def record(path: Path, result: dict) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nMeasured by `bench/batch.py`.\n\n" + TABLE
+    lines = text.splitlines(keepends=True)
+    end = lines.index(TABLE.splitlines(keepends=True)[0], lines.index(SECTION + "\n"))
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    for row in result["rows"]:
+        cells = [result["date"][:10], result["commit"] or "–", result["machine"],
+                 f"{result['device']}, {result['dtype']}", result["model"], str(row["prompts"]),
+                 str(result["resolution"]), row["texture"], str(row["batch_size"]),
+                 f"{row['meshes_per_second']:.2f}", f"{1 / row['meshes_per_second']:.2f}"]
+        lines.insert(end, "| " + " | ".join(cells) + " |\n")
+        end += 1
+    path.write_text("".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

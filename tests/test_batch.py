@@ -1,0 +1,186 @@
+"""Batch generation: prompt file in, meshes and a manifest out; resumable; across processes with accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from triplane_turbo import TriplaneTurboOutput
+from triplane_turbo.batch import (BatchSettings, PromptLine, RankManifest, line_seed, merge_manifest, output_name,
+                                  pending_lines, read_prompts, read_records, run_batch)
+
+REPO = Path(__file__).resolve().parents[1]
+#: Ten lines: a blank one, a duplicate, one far too long, non-Latin scripts and control characters.
+PROMPTS = ["a wooden chair", "", "a red sports car", "a wooden chair", "x" * 1500, "צפרדע ירוקה",
+           "一只戴帽子的猫", "a lamp\x07 with a shade", "   ", "a teapot"]
+VALID = [1, 3, 4, 6, 7, 8, 10]  # the lines that can be generated
+
+
+def write_prompts(folder: Path) -> Path:
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return path
+
+
+def test_reading_the_prompt_file(tmp_path):
+    lines = read_prompts(write_prompts(tmp_path))
+    assert [item.line for item in lines] == [1, 3, 4, 5, 6, 7, 8, 10]  # blank lines skipped
+    by_line = {item.line: item for item in lines}
+    assert by_line[8].prompt == "a lamp with a shade" and by_line[8].error is None
+    assert "1500 characters" in by_line[5].error and len(by_line[5].prompt) < 100
+    assert by_line[6].prompt == "צפרדע ירוקה"
+    assert {item.line for item in lines if not item.error} == set(VALID)
+
+
+def test_file_names_come_from_the_line_and_a_hash_never_the_prompt():
+    settings = BatchSettings(file_format="obj")
+    name = output_name(12, "../../etc/passwd", line_seed(5, 12), settings)
+    assert name.startswith("000012-") and name.endswith(".obj") and "passwd" not in name and "/" not in name
+    assert name == output_name(12, "../../etc/passwd", 16, settings)
+    assert name != output_name(12, "../../etc/passwd", 17, settings)  # another seed
+    assert name != output_name(12, "../../etc/passwd", 16, BatchSettings(file_format="obj", mesh_resolution=128))
+
+
+def test_a_torn_last_record_is_dropped(tmp_path):
+    manifest = RankManifest(tmp_path, 0)
+    manifest.append({"line": 1, "status": "ok", "file": "a"})
+    with open(manifest.path, "ab") as handle:
+        handle.write(b'{"line": 2, "status": "o')  # the process was killed in the middle of this write
+    assert len(read_records(tmp_path)) == 1  # readers ignore it
+    RankManifest(tmp_path, 0)  # the next run repairs its own file
+    assert manifest.path.read_text() == '{"line": 1, "status": "ok", "file": "a"}\n'
+    manifest.append({"line": 2, "status": "ok", "file": "b"})
+    assert sorted(read_records(tmp_path)) == [1, 2]
+
+
+class StubPipe:
+    """Makes a sphere per prompt; raises CUDA OOM for batches over ``max_batch``, fails on 'boom'."""
+
+    revision = "stub"
+
+    def __init__(self, max_batch=8):
+        self.max_batch, self.calls = max_batch, []
+
+    def __call__(self, prompts, *, seed, **kwargs):
+        self.calls.append(len(prompts))
+        if len(prompts) > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        if "boom" in prompts:
+            raise RuntimeError("this prompt breaks the model")
+        meshes = [trimesh.creation.icosphere(1) if p != "hollow" else trimesh.Trimesh() for p in prompts]
+        return TriplaneTurboOutput(meshes, None, None, list(seed), {}, textures=[None] * len(prompts))
+
+
+def test_out_of_memory_halves_the_batch_and_bad_lines_become_records(tmp_path):
+    lines = [PromptLine(i + 1, p) for i, p in enumerate(["a", "b", "boom", "c", "hollow", "d", "e"])]
+    pipe = StubPipe(max_batch=2)
+    stats = run_batch(pipe, lines, tmp_path, BatchSettings(texture="vertex"), batch_size=8)
+    assert pipe.calls[:3] == [7, 4, 2]  # 8 -> OOM -> 4 -> OOM -> 2
+    records = read_records(tmp_path)
+    assert records[3]["status"] == "error" and "this prompt breaks the model" in records[3]["error"]
+    assert records[5]["status"] == "error" and "no surface" in records[5]["error"]
+    assert {line for line, r in records.items() if r["status"] == "ok"} == {1, 2, 4, 6, 7}
+    assert (stats.ok, stats.errors) == (5, 2)
+    assert all((tmp_path / r["file"]).is_file() for r in records.values() if r["status"] == "ok")
+
+
+def test_resuming_skips_finished_lines_and_redoes_the_rest(tmp_path):
+    lines = [PromptLine(i + 1, p) for i, p in enumerate(["a", "b", "c"])]
+    settings = BatchSettings(texture="vertex")
+    run_batch(StubPipe(), lines[:2], tmp_path, settings)
+    (tmp_path / read_records(tmp_path)[2]["file"]).unlink()  # a file lost since
+    assert [item.line for item in pending_lines(lines, tmp_path, 0, settings)] == [2, 3]
+    assert [item.line for item in pending_lines(lines, tmp_path, 0, BatchSettings(texture="uv"))] == [1, 2, 3]
+    merge_manifest(tmp_path)
+    assert [json.loads(line)["line"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def run_module(args, cwd, env=None, launcher=()):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    return subprocess.Popen([*launcher, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_batch(prompts: Path, out: Path, cwd: Path):
+    """Two CPU processes through accelerate's torchrun launcher."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), "-m", "triplane_turbo.batch"]
+    return run_module([str(prompts), "--out", str(out), "--tiny", "--resolution", "48", "--texture-size", "512",
+                       "--batch-size", "2", "-q"], cwd, launcher=launcher)
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_killed_part_way_and_resumed(tmp_path):
+    work, out = tmp_path / "cwd", tmp_path / "out"
+    work.mkdir()
+    prompts = write_prompts(tmp_path)
+    first = accelerate_batch(prompts, out, work)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        done = sum(len(p.read_text().splitlines()) for p in out.glob("manifest.rank*.jsonl")) if out.exists() else 0
+        if done >= 3:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, f"the first run ended before it could be killed:\n{first.stdout.read()}"
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    first.wait()
+    assert not (out / "manifest.jsonl").exists() and len(read_records(out)) < len(PROMPTS)
+
+    second = accelerate_batch(prompts, out, work)
+    output, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, output
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in records] == [1, 3, 4, 5, 6, 7, 8, 10]  # one record per non-blank line
+    ok = {r["line"]: r for r in records if r["status"] == "ok"}
+    assert sorted(ok) == VALID and records[3]["status"] == "error"
+    for line, record in ok.items():
+        assert record["seed"] == line - 1  # --seed 0: line n uses seed n - 1
+        mesh = trimesh.load_scene(out / record["file"], process=False)
+        assert sum(len(g.faces) for g in mesh.geometry.values()) > 100
+    ranks = {json.loads(line)["rank"] for path in out.glob("manifest.rank*.jsonl")
+             for line in path.read_text().splitlines()}
+    assert ranks == {0, 1}  # both processes did work
+    expected = {r["file"] for r in ok.values()} | {"manifest.jsonl", "manifest.rank0.jsonl", "manifest.rank1.jsonl"}
+    assert {p.name for p in out.iterdir()} == expected  # nothing else in the output folder
+    assert list(work.iterdir()) == []  # nor in the working directory
+    assert "7 ok, 1 errors" in output
+
+
+@pytest.mark.timeout(300)
+def test_a_line_from_the_batch_equals_the_command_line(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a wooden chair\na red sports car\na teapot\n")
+    batch = run_module([sys.executable, "-m", "triplane_turbo.batch", str(prompts), "--out", "out", "--tiny",
+                        "--resolution", "48", "--batch-size", "3", "--seed", "7", "--texture", "vertex", "-q"],
+                       tmp_path)
+    assert batch.wait(240) == 0, batch.stdout.read()
+    record = read_records(tmp_path / "out")[2]
+    single = run_module([sys.executable, "-m", "triplane_turbo", "a red sports car", "--tiny", "--resolution", "48",
+                         "--seed", str(record["seed"]), "--texture", "vertex", "-o", "single.glb", "-q"], tmp_path)
+    assert single.wait(240) == 0, single.stdout.read()
+    (a,) = trimesh.load_scene(tmp_path / "out" / record["file"], process=False).geometry.values()
+    (b,) = trimesh.load_scene(tmp_path / "single.glb", process=False).geometry.values()
+    # the same mesh; batched kernels round differently (~1e-6 on the triplane), nothing more
+    np.testing.assert_array_equal(a.faces, b.faces)
+    np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-4)
+    colors = lambda m: np.asarray(m.visual.vertex_attributes["color"], dtype=int)  # noqa: E731
+    assert np.abs(colors(a) - colors(b)).max() <= 1
