@@ -152,3 +152,21 @@ def test_the_facts_the_code_cites_are_in_the_repository():
         assert "shared/reference" not in text, path
         cited |= set(re.findall(r"docs/CHECKPOINT\.md §(\d+(?:\.\d+)?)", text))
     assert cited and cited <= headings, cited - headings
+
+
+def test_writing_an_adapter_is_the_inverse_of_loading_it(tmp_path):
+    from triplane_turbo.adapter import adapter_state_dict, save_checkpoint
+
+    original = read_checkpoint(FIXTURE_A / "adapter.pth")
+    pipe = TriplaneTurboPipeline.from_pretrained(str(FIXTURE_A / "base"), str(FIXTURE_A / "adapter.pth"),
+                                                 fuse_lora=False)
+    written = adapter_state_dict(pipe.unet, pipe.vae, pipe.fields, pipe.spec)
+    assert list(written) == list(original)  # the published order
+    for key, value in original.items():
+        assert torch.equal(written[key], value), key
+    save_checkpoint(tmp_path / "again.pth", written, global_step=7)
+    assert list(read_checkpoint(tmp_path / "again.pth")) == list(original)
+    assert torch.load(tmp_path / "again.pth", weights_only=True)["global_step"] == 7
+    fused = TriplaneTurboPipeline.from_pretrained(str(FIXTURE_A / "base"), str(FIXTURE_A / "adapter.pth"))
+    with pytest.raises(ValueError, match="fuse_lora=False"):
+        adapter_state_dict(fused.unet, fused.vae, fused.fields, fused.spec)

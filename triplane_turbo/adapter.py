@@ -192,6 +192,11 @@ def _mlp_shapes(name: str, in_dim: int, hidden: tuple[int, ...], out_dim: int):
         yield f"geometry.{name}.layers.{2 * i}.weight", (dims[i + 1], dims[i])
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base layer under PETA's or peft's LoRA wrapper (the module itself if unwrapped)."""
+    return getattr(module, "base", None) or getattr(module, "base_layer", None) or module
+
+
 def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict[str, tuple[tuple[int, ...], str, str]]":
     """Every tensor a checkpoint for this architecture holds: key -> (shape, module path, kind).
 
@@ -207,7 +212,7 @@ def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict
         if slot.kind == SELF_ATTN:
             for plane, half in _planes_in_registration_order():
                 for proj, attr in PROJECTIONS.items():
-                    lin = m.get_submodule(attr)
+                    lin = _unwrapped(m.get_submodule(attr))
                     # the hexa output LoRA acts on the projected output (docs/CHECKPOINT.md §6.4)
                     d_in = lin.out_features if proj == "to_out" else lin.in_features
                     add(f"{proj}_{plane}_lora_{half}.down.weight", (spec.self_rank, d_in))
@@ -215,10 +220,11 @@ def expected_layout(slots: list[AdapterSlot], spec: AdapterSpec) -> "OrderedDict
         elif slot.kind in (CROSS_ATTN, VAE_ATTN):
             r = spec.cross_rank if slot.kind == CROSS_ATTN else spec.self_rank  # VAE uses the self rank
             for proj, attr in PROJECTIONS.items():
-                lin = m.get_submodule(attr)
+                lin = _unwrapped(m.get_submodule(attr))
                 add(f"{proj}_lora.down.weight", (r, lin.in_features))
                 add(f"{proj}_lora.up.weight", (lin.out_features, r))
         elif slot.kind in (UNET_LOCON, VAE_LOCON):
+            m = _unwrapped(m)
             add("down.weight", (spec.conv_rank, m.in_channels, *m.kernel_size))
             add("up.weight", (m.out_channels, spec.conv_rank, 1, 1))
         elif slot.kind == VAE_CONV_OUT:
@@ -478,3 +484,63 @@ def fuse_shared_lora(model: nn.Module) -> None:
                 child.to(torch.float32)
                 child.merge()
                 setattr(module, child_name, base.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a checkpoint (the inverse of loading)
+# --------------------------------------------------------------------------------------------------
+
+def adapter_state_dict(unet: nn.Module, vae: nn.Module, fields: nn.Module, spec: AdapterSpec) -> "OrderedDict[str, torch.Tensor]":
+    """The adapter of an *unfused* pipeline as a checkpoint ``state_dict``, in the published layout.
+
+    The exact inverse of ``load_adapter_weights`` (plus the heads and ``geometry.bbox``): keys, shapes
+    and order are those of ``expected_layout``, values float32 on the CPU. A pipeline whose shared
+    LoRA was fused into the base weights cannot be written back (the terms are no longer separate).
+    """
+    slots = adapter_slots(unet, vae)
+    layout = expected_layout(slots, spec)
+    values: dict[str, torch.Tensor] = {f"geometry.{k}": v for k, v in fields.state_dict().items()}
+    for slot in slots:
+        m = slot.module
+        put = lambda name, tensor: values.__setitem__(slot.prefix + name, tensor)  # noqa: E731
+        if slot.kind == SELF_ATTN:
+            for p, (plane, half) in enumerate(PLANES):
+                for proj, attr in PROJECTIONS.items():
+                    layer = m.get_submodule(attr)
+                    put(f"{proj}_{plane}_lora_{half}.down.weight", layer.down[p])
+                    put(f"{proj}_{plane}_lora_{half}.up.weight", layer.up[p])
+        elif slot.kind in (CROSS_ATTN, VAE_ATTN, UNET_LOCON, VAE_LOCON):
+            targets = PROJECTIONS.items() if slot.kind in (CROSS_ATTN, VAE_ATTN) else [("", None)]
+            for proj, attr in targets:
+                layer = m.get_submodule(attr) if attr else m
+                if not hasattr(layer, "lora_A"):
+                    raise ValueError(f"{slot.module_path}: the shared LoRA was fused into the base weights; load "
+                                     f"the pipeline with fuse_lora=False to write its adapter")
+                name = f"{proj}_lora." if proj else ""
+                put(f"{name}down.weight", layer.lora_A[PEFT_ADAPTER_NAME].weight)
+                put(f"{name}up.weight", layer.lora_B[PEFT_ADAPTER_NAME].weight)
+        elif slot.kind == VAE_CONV_OUT:
+            put("weight", m.weight)
+            put("bias", m.bias)
+    missing = [k for k in layout if k not in values]
+    if missing or len(values) != len(layout):
+        raise CheckpointMismatchError(f"cannot write the adapter: {missing[:1] or 'extra keys'} do not match the layout")
+    return OrderedDict((k, values[k].detach().to("cpu", torch.float32).clone()) for k in layout)
+
+
+def save_checkpoint(path, state_dict: dict[str, torch.Tensor], global_step: int = 0) -> None:
+    """Writes ``state_dict`` in the published container (a Lightning-style dict), atomically."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"epoch": 0, "global_step": int(global_step), "pytorch-lightning_version": "2.0.0",
+                    "state_dict": dict(state_dict)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

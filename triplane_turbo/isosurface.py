@@ -118,15 +118,26 @@ class SurfaceTopology:
     def __len__(self) -> int:
         return len(self.t)
 
-    def vertices(self, corner_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def edge_t(self, corner_sdf: torch.Tensor, isovalue: float = 0.0) -> torch.Tensor:
+        """[V] position of each vertex along its edge from SDF values [K] at ``corners``.
+
+        The same ``t`` as ``self.t``, but differentiable with respect to ``corner_sdf`` (training
+        evaluates the SDF with gradients at the corners only); the padding holds ``isovalue + 1``.
+        """
+        padded = torch.cat([corner_sdf.reshape(-1).double(), corner_sdf.new_full((1,), isovalue + 1.0).double()])
+        s_start, s_end = padded[self.corner_slots[:, 0]], padded[self.corner_slots[:, 1]]
+        return ((isovalue - s_start) / (s_end - s_start)).clamp(0.0, 1.0)
+
+    def vertices(self, corner_offsets: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
         """[V, 3] float64 vertex positions in grid index units.
 
         Args:
             corner_offsets: [K, 3] deformation at ``corners`` in grid-cell units (None: no deformation).
+            t: [V] positions along the edges (default ``self.t``; ``edge_t`` gives differentiable ones).
         """
         start = self.edge_start.double()
         step = F.one_hot(self.edge_axis, 3).double()
-        t = self.t[:, None]
+        t = (self.t if t is None else t)[:, None]
         position = start + t * step
         if corner_offsets is not None:
             if corner_offsets.shape != self.corners.shape:

@@ -367,16 +367,24 @@ class TriplaneTurboPipeline:
                              f"for {text_embeddings.shape[0]} prompts")
         scheduler = self._fresh_scheduler(num_steps)
         timesteps = self.timesteps(num_steps)
-        context = text_embeddings.to(self.dtype).repeat_interleave(NUM_PLANES, dim=0)
+        context = self.plane_context(text_embeddings)
         x = latents.to(device=self.device, dtype=torch.float32)
         x0 = x
         for i, t in enumerate(timesteps):
-            noise_pred = self.unet(x.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample
-            step = scheduler.step(noise_pred.float(), int(t), x)
+            step = scheduler.step(self.predict_noise(x, t, context), int(t), x)
             x, x0 = step.prev_sample, step.pred_original_sample
             if callback:
                 callback("denoise", i + 1, len(timesteps))
         return x0
+
+    def plane_context(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [B, 77, D] -> [6B, 77, D]: each object's six planes share its prompt."""
+        return text_embeddings.to(self.dtype).repeat_interleave(NUM_PLANES, dim=0)
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The adapted UNet's ε prediction, float32 [6B, 4, h, w], for latents [6B, 4, h, w] at timestep
+        ``t`` (a scalar) and plane context [6B, 77, D]. Differentiable (training calls it directly)."""
+        return self.unet(latents.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample.float()
 
     @torch.inference_mode()
     def decode_triplane(self, latents: torch.Tensor) -> torch.Tensor:
@@ -385,6 +393,10 @@ class TriplaneTurboPipeline:
         The latents go into the VAE unscaled (no division by 0.18215), as in training. The decoder
         emits 2C channels per plane; geometry planes keep the first C, texture planes the last C.
         """
+        return self.latents_to_triplane(latents)
+
+    def latents_to_triplane(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode_triplane`` without ``inference_mode``: differentiable (training calls it directly)."""
         out = self.vae.decode(latents.to(self.dtype)).sample
         rows, channels, h, w = out.shape
         out = out.reshape(rows // NUM_PLANES, NUM_PLANES, channels, h, w)

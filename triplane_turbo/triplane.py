@@ -47,6 +47,38 @@ def lattice_weights(axis: torch.Tensor, size: int) -> torch.Tensor:
     return weights
 
 
+def sample_bilinear(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample(planes, grid, "bilinear", padding_mode="zeros", align_corners=False)``, written
+    with gathers so that it can be differentiated twice (grid_sample's own backward cannot be: the
+    eikonal regulariser of training needs the gradient of the SDF's gradient).
+
+    Args:
+        planes: [N, C, H, W].
+        grid: [N, 1, P, 2] sample points, (column, row) normalised to [-1, 1].
+    Returns:
+        [N, C, 1, P].
+    """
+    n, c, h, w = planes.shape
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # [N, 1, P] continuous pixel positions
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = x.detach().floor(), y.detach().floor()
+    flat = planes.reshape(n, c, h * w)
+    out = 0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())  # bilinear tap weight, [N, 1, P]
+        inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)  # zero padding
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().reshape(n, 1, -1).expand(-1, c, -1)
+        taps = torch.gather(flat, 2, index).reshape(n, c, *x.shape[1:])
+        out = out + taps * (weight * inside)[:, None]
+    return out
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (float16/bfloat16 planes) computed in float32; float64 kept (gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class MLP(nn.Module):
     """Linear -> ReLU -> ... -> Linear without biases (keys ``layers.0``, ``layers.2``, ...)."""
 
@@ -94,11 +126,15 @@ class TriplaneFields(nn.Module):
         plane_channels: channels C of each plane (the published model: 32).
         mlp_hidden: hidden widths of each head (published: (64, 64)).
         sphere_radius: radius of the SDF's sphere prior.
+        twice_differentiable: sample the planes with ``sample_bilinear`` (same values, and a
+            gradient that can itself be differentiated: training's eikonal term) instead of grid_sample.
     """
 
-    def __init__(self, plane_channels: int, mlp_hidden: tuple[int, ...] = (64, 64), sphere_radius: float = 0.5):
+    def __init__(self, plane_channels: int, mlp_hidden: tuple[int, ...] = (64, 64), sphere_radius: float = 0.5,
+                 twice_differentiable: bool = False):
         super().__init__()
         self.sphere_radius = sphere_radius
+        self.twice_differentiable = twice_differentiable
         self.sdf_network = MLP((plane_channels, *mlp_hidden, 1))
         self.feature_network = MLP((3 * plane_channels, *mlp_hidden, 3))
         self.deformation_network = MLP((plane_channels, *mlp_hidden, 3))
@@ -141,10 +177,13 @@ class TriplaneFields(nn.Module):
     def _sample_three(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Planes [B, 3, C, H, W] (xy, xz, yz) bilinearly sampled at world points [B, N, 3] -> [B, 3, N, C]."""
         b, _, c, h, w = planes.shape
-        coords = plane_coordinates(self.normalize(points).float())  # [3, B, N, 2]
+        coords = plane_coordinates(_at_least_float32(self.normalize(points)))  # [3, B, N, 2]
         grid = coords.permute(1, 0, 2, 3).reshape(b * 3, 1, -1, 2)
-        s = F.grid_sample(planes.reshape(b * 3, c, h, w).float(), grid, mode="bilinear",
-                          padding_mode="zeros", align_corners=False)  # [B·3, C, 1, N]
+        planes = _at_least_float32(planes.reshape(b * 3, c, h, w))
+        if self.twice_differentiable:
+            s = sample_bilinear(planes, grid)
+        else:
+            s = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B·3, C, 1, N]
         return s.reshape(b, 3, c, -1).permute(0, 1, 3, 2)
 
     def forward(self, triplane: torch.Tensor, points: torch.Tensor) -> Fields:
@@ -161,7 +200,7 @@ class TriplaneFields(nn.Module):
         )
 
     def sphere_prior(self, points: torch.Tensor) -> torch.Tensor:
-        return points.float().norm(dim=-1, keepdim=True) - self.sphere_radius
+        return _at_least_float32(points).norm(dim=-1, keepdim=True) - self.sphere_radius
 
     def sdf(self, triplane: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """[B, N, 1] signed distance at world points (sphere prior included)."""

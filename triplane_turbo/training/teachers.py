@@ -1,0 +1,153 @@
+"""Teachers: what turns rendered views into a loss. Stage 1 has Stable Diffusion 2.1 (score
+distillation) and, for tests and sanity checks, a fixed target image; stage 2 adds MVDream and
+RichDreamer's normal-depth model behind the same interface.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cameras import Cameras
+from .config import GuidanceConfig, ramp
+
+
+@dataclass
+class Renders:
+    """What one renderer produced for a step: N = B·V views of B prompts, images row 0 at the top.
+
+    Attributes:
+        rgb: [N, 3, H, W] in [0, 1], composited over the background.
+        opacity: [N, 1, H, W].
+        cameras: the cameras of the N views (``views_per_prompt`` consecutive ones per prompt).
+        renderer: "mesh" or "volume".
+        normal, depth: [N, 3 | 1, H, W] where the renderer has them (the volume renderer), else None.
+    """
+
+    rgb: torch.Tensor
+    opacity: torch.Tensor
+    cameras: Cameras
+    renderer: str
+    normal: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
+
+
+class Teacher(ABC):
+    """Maps a step's renders of some prompts to a scalar loss (gradients flow into ``renders``)."""
+
+    name: str = "teacher"
+
+    @abstractmethod
+    def loss(self, renders: Renders, prompts: list[str], step: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scalar for the renders of ``prompts`` at training step ``step``."""
+
+    def frozen_parameters(self) -> list[torch.Tensor]:
+        """The teacher's own weights (they must not change): none by default."""
+        return []
+
+
+class FixedImageTeacher(Teacher):
+    """Pulls every view towards one target image (mean squared error): a check that gradients from
+    the renders reach the adapter, not a way to learn shapes."""
+
+    name = "fixed-image"
+
+    def __init__(self, target: torch.Tensor, weight: float = 1.0):
+        self.target, self.weight = target, weight  # [3, H, W] in [0, 1]
+
+    def loss(self, renders, prompts, step, generator=None):
+        target = F.interpolate(self.target[None].to(renders.rgb), renders.rgb.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return self.weight * ((renders.rgb - target) ** 2).mean()
+
+
+class StableDiffusionTeacher(Teacher):
+    """Stable Diffusion 2.1-base as the teacher, with the authors' "dmd"-normalised score distillation.
+
+    For each prompt one of its views (chosen at random) is resized to ``image_size``² and encoded by
+    the VAE (a posterior sample × 0.18215): z. With t ~ U[min_step, max_step) (min_step annealed from
+    500 to 20 over 20k steps), fresh noise ε, z_t = √ᾱ z + √(1−ᾱ) ε, and the UNet's predictions with the
+    prompt (ε_c) and with the empty prompt (ε_u)::
+
+        ε̂ = ε_u + 7.5 (ε_c − ε_u)
+        x̂₁ = (z − √(1−ᾱ) ε̂) / √ᾱ,   x̂₂ = (z − √(1−ᾱ) ε_c) / √ᾱ      (the clean z, as the authors' code)
+        g = (x̂₂ − x̂₁) / (mean|z − x̂₁| + 0.1),   loss = ½ Σ (z − sg(z − g))²
+
+    so that ∂loss/∂z = g. (ASD's second timestep t⁺ is t for this teacher in the published config.)
+    The teacher's weights never change; its UNet runs without gradients.
+    """
+
+    name = "stable-diffusion"
+
+    def __init__(self, base_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 config: GuidanceConfig = GuidanceConfig()):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base = Path(base_dir)
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError("the Stable Diffusion teacher needs an epsilon-predicting model (SD 2.1-base)")
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        for module in (self.text_encoder, self.unet, self.vae):
+            torch.nn.Module.to(module, self.device, dtype)
+            module.eval().requires_grad_(False)
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    def frozen_parameters(self):
+        return [p for m in (self.text_encoder, self.unet, self.vae) for p in m.parameters()]
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """[B, 77, D] text embeddings, cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing:
+            tokens = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt")
+            out = self.text_encoder(tokens.input_ids.to(self.device))[0]
+            self._embeddings.update(zip(missing, out))
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    def min_step(self, step: int) -> int:
+        start, end = self.config.min_step
+        return int(self.num_train_timesteps * ramp(step, start, end, self.config.min_step_until))
+
+    def loss(self, renders, prompts, step, generator=None):
+        cfg = self.config
+        views = renders.cameras.views_per_prompt
+        chosen = torch.randint(0, views, (len(prompts),), generator=generator) + torch.arange(len(prompts)) * views
+        images = F.interpolate(renders.rgb[chosen.to(renders.rgb.device)], (cfg.image_size, cfg.image_size),
+                               mode="bilinear", align_corners=False)
+        posterior = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(self.device, self.dtype)
+        z = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+            self.device, self.dtype)) * self.vae.config.scaling_factor
+        low, high = self.min_step(step), int(self.num_train_timesteps * cfg.max_step)
+        t = torch.randint(low, max(high, low + 1), (len(prompts),), generator=generator).to(self.device)
+        alpha_bar = self.alphas_cumprod[t].to(z.dtype).view(-1, 1, 1, 1)
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        with torch.no_grad():
+            z_t = alpha * z.detach() + sigma * noise
+            context = torch.cat([self.embed([""] * len(prompts)), self.embed(prompts)]).to(self.dtype)
+            eps = self.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=context).sample
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps_guided = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
+            x1 = (z.detach() - sigma * eps_guided) / alpha
+            x2 = (z.detach() - sigma * eps_cond) / alpha
+            weight = (z.detach() - x1).abs().mean(dim=(1, 2, 3), keepdim=True)
+            g = torch.nan_to_num((x2 - x1) / (weight + cfg.eps))
+        target = (z - g).detach()
+        return cfg.weight * 0.5 * F.mse_loss(z.float(), target.float(), reduction="sum")
