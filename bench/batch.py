@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.tables import add_rows, commit, machine  # noqa: E402
 
 SECTION = "## Batch generation"
 TABLE = """| date | commit | machine | device, dtype | model | prompts | R | texture | batch size | meshes/s | s per mesh |
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
                        meshes_per_second=stats.ok / seconds)
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=_commit(),
-                  machine=_machine(args.device), device=args.device, dtype=str(dtype).removeprefix("torch."),
+    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
+                  machine=machine(args.device), device=args.device, dtype=str(dtype).removeprefix("torch."),
                   model="tiny" if args.tiny else "published", resolution=args.resolution, rows=rows,
                   threads=torch.get_num_threads())
     if args.json:
@@ -81,37 +82,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _commit():
-    import subprocess
-
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _machine(device: str) -> str:
-    from bench.texture import _machine as machine
-
-    return machine(device)
-
-
 def record(path: Path, result: dict) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nMeasured by `bench/batch.py`.\n\n" + TABLE
-    lines = text.splitlines(keepends=True)
-    end = lines.index(TABLE.splitlines(keepends=True)[0], lines.index(SECTION + "\n"))
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    for row in result["rows"]:
-        cells = [result["date"][:10], result["commit"] or "–", result["machine"],
-                 f"{result['device']}, {result['dtype']}", result["model"], str(row["prompts"]),
-                 str(result["resolution"]), row["texture"], str(row["batch_size"]),
-                 f"{row['meshes_per_second']:.2f}", f"{1 / row['meshes_per_second']:.2f}"]
-        lines.insert(end, "| " + " | ".join(cells) + " |\n")
-        end += 1
-    path.write_text("".join(lines))
+    rows = [[result["date"][:10], result["commit"] or "–", result["machine"], f"{result['device']}, {result['dtype']}",
+             result["model"], str(row["prompts"]), str(result["resolution"]), row["texture"], str(row["batch_size"]),
+             f"{row['meshes_per_second']:.2f}", f"{1 / row['meshes_per_second']:.2f}"] for row in result["rows"]]
+    add_rows(path, SECTION, "Measured by `bench/batch.py`.", TABLE, rows)
 
 
 if __name__ == "__main__":

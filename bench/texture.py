@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.tables import add_rows, commit, machine  # noqa: E402
 
 SECTION = "## Texture baking"
 TABLE = """| date | commit | machine | device | threads | faces | texture | normal map | unwrap s | bake s (unwrap included) | charts | texels baked |
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                        charts=charts, texels=int(mask.sum()))
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=_commit(),
-                  machine=_machine(args.device), device=args.device, threads=torch.get_num_threads(),
+    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
+                  machine=machine(args.device), device=args.device, threads=torch.get_num_threads(),
                   runs=args.runs, rows=rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -132,41 +132,12 @@ def _chart_count(baked) -> int:
     return int(connected_components(graph @ graph.T, directed=False)[0])
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _machine(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {len(__import__('os').sched_getaffinity(0))} cores"
-
-
 def record(path: Path, result: dict) -> None:
     """Rows go at the end of the texture table (made, with its heading, if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nMeasured by `bench/texture.py`.\n\n" + TABLE
-    lines = text.splitlines(keepends=True)
-    end = lines.index(TABLE.splitlines(keepends=True)[0], lines.index(SECTION + "\n"))
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    for row in result["rows"]:
-        cells = [result["date"][:10], result["commit"] or "–", result["machine"], result["device"],
-                 str(result["threads"]), str(row["faces"]), f"{row['size']}²", "yes" if row["normal_map"] else "no",
-                 f"{row['unwrap_s']:.2f}", f"{row['bake_s']:.2f}", str(row["charts"]), str(row["texels"])]
-        lines.insert(end, "| " + " | ".join(cells) + " |\n")
-        end += 1
-    path.write_text("".join(lines))
+    rows = [[result["date"][:10], result["commit"] or "–", result["machine"], result["device"], str(result["threads"]),
+             str(row["faces"]), f"{row['size']}²", "yes" if row["normal_map"] else "no", f"{row['unwrap_s']:.2f}",
+             f"{row['bake_s']:.2f}", str(row["charts"]), str(row["texels"])] for row in result["rows"]]
+    add_rows(path, SECTION, "Measured by `bench/texture.py`.", TABLE, rows)
 
 
 if __name__ == "__main__":
