@@ -106,7 +106,7 @@ def clean_prompt(prompt) -> tuple[str, list[str]]:
 
 
 def _whole_number(value, name: str) -> int:
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    if isinstance(value, str) and value.strip().lstrip("+-").isascii() and value.strip().lstrip("+-").isdigit():
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -308,8 +308,13 @@ class TriplaneTurboApp:
                 for i in mine:
                     self._in_progress[keys[i]] = threading.Event()
             try:
-                if mine:
-                    yield from self._make([batch[i] for i in mine], [keys[i] for i in mine], mine, progress,
+                for i in list(mine):  # stored by a request that finished between the lookup and the claim
+                    if (entry := self.store.load(keys[i])) is not None:
+                        pending.discard(i)
+                        yield "entry", i, entry
+                make = [i for i in mine if i in pending]
+                if make:
+                    yield from self._make([batch[i] for i in make], [keys[i] for i in make], make, progress,
                                           show_pending)
             finally:
                 with self._lock:
@@ -331,7 +336,8 @@ class TriplaneTurboApp:
             self._queued += 1
         try:
             while not self._gpu.acquire(timeout=0.5):
-                progress(None, desc=f"Waiting for the GPU ({self._queued - 1} request(s) ahead or running)")
+                progress(None, desc=f"Waiting for the GPU: another generation is running"
+                                    f"{f', {self._queued - 1} more waiting' if self._queued > 1 else ''}")
         finally:
             with self._lock:
                 self._queued -= 1
@@ -344,11 +350,15 @@ class TriplaneTurboApp:
             self._gpu.release()
         stages = stage_labels(pipe.config.num_steps)
         fields = self.bake_fields if self.bake_fields is not None else pipe.fields
+        made = []
         for j, (settings, key, i) in enumerate(zip(batch, keys, indices)):
             mesh = meshes[j]
             if len(mesh.faces) == 0:
-                raise gr.Error(EMPTY_SURFACE if len(batch) == 1 else f"Seed {settings.seed}: {EMPTY_SURFACE}")
-            if show_pending:
+                if len(batch) == 1:
+                    raise gr.Error(EMPTY_SURFACE)
+                yield "empty", i, None  # one variant without a surface does not sink the others
+                continue
+            if show_pending and settings.texture == "uv":
                 yield "mesh", i, self.store.pending_glb(key, mesh)
             record = {**asdict(settings), "texture_size": TEXTURE_SIZE, "vertices": len(mesh.vertices),
                       "faces": len(mesh.faces), "device": device, "model_revision": pipe.revision,
@@ -359,13 +369,20 @@ class TriplaneTurboApp:
             if settings.texture == "uv":
                 progress(None, desc=stages["texture"])
                 start = time.perf_counter()
-                texture = bake_texture(fields, triplane[j:j + 1].to(fields.bbox.device), mesh, TEXTURE_SIZE,
-                                       normal_map=bool(settings.target_faces))
+                try:
+                    texture = bake_texture(fields, triplane[j:j + 1].to(fields.bbox.device), mesh, TEXTURE_SIZE,
+                                           normal_map=bool(settings.target_faces),
+                                           chunk=2**21 if fields.bbox.device.type == "cuda" else 2**16)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    raise gr.Error("The GPU ran out of memory while baking the texture; try again in a moment, "
+                                   "or choose vertex colours.") from None
                 record["timings"]["texture"] = time.perf_counter() - start
             progress(None, desc=stages["export"])
             entry = self.store.save(key, mesh, record, texture, render_preview(mesh, texture))
+            made.append(key)
             yield "entry", i, entry
-        self.store.enforce_limits(keep=keys[-1])
+        self.store.enforce_limits(keep=set(made))
 
     def _outputs(self, entry: Entry, settings: Settings, request, cached: bool, started: float) -> tuple:
         """generate()'s outputs for a stored entry."""
@@ -393,14 +410,12 @@ class TriplaneTurboApp:
                             check_faces(target_faces) if _flag(simplify, "simplify") else None, check_texture(texture))
         for note in notes:
             gr.Warning(note)
-        cached = True
         for kind, _, value in self._guarded(self.produce([settings], progress)):
             if kind == "mesh":
-                cached = False
                 yield (str(value), {"prompt": settings.prompt, "seed": settings.seed, "status": "baking the texture…"},
                        settings.seed, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
             else:
-                yield self._outputs(value, settings, request, cached, started)
+                yield self._outputs(value, settings, request, not value.fresh, started)
 
     def variants(self, prompt, seed, count, mesh_resolution, request: gr.Request = None, progress=gr.Progress()):
         """`count` meshes (1-8) from seeds seed, seed+1, … in one GPU call: preview images (captioned with
@@ -415,12 +430,18 @@ class TriplaneTurboApp:
             gr.Warning(note)
         batch = [Settings(text, first + i, resolution) for i in range(count)]
         entries: dict[int, Entry] = {}
-        for _, i, entry in self._guarded(self.produce(batch, progress, show_pending=False)):
-            entries[i] = entry
-        ordered = [entries[i] for i in range(count)]
-        gallery = [(str(e.files["preview"]), f"seed {s.seed}") for e, s in zip(ordered, batch)]
-        chosen = [{**asdict(s), "key": e.key} for e, s in zip(ordered, batch)]
-        return gallery, [str(e.files["glb"]) for e in ordered], chosen
+        for kind, i, entry in self._guarded(self.produce(batch, progress, show_pending=False)):
+            if kind == "entry":
+                entries[i] = entry
+        if not entries:
+            raise gr.Error(f"The model produced no surface for any of the seeds {first}…{first + count - 1}; "
+                           "try other seeds or another prompt.")
+        if missing := [batch[i].seed for i in range(count) if i not in entries]:
+            gr.Warning(f"No surface for seed{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}: left out.")
+        made = [(entries[i], batch[i]) for i in range(count) if i in entries]
+        gallery = [(str(e.files["preview"]), f"seed {s.seed}") for e, s in made]
+        chosen = [{**asdict(s), "key": e.key} for e, s in made]
+        return gallery, [str(e.files["glb"]) for e, _ in made], chosen
 
     def _guarded(self, events):
         """Errors inside production become clear messages (and the log keeps the details)."""
@@ -438,28 +459,21 @@ class TriplaneTurboApp:
         inputs = (settings.prompt, False, settings.mesh_resolution, settings.remove_floaters,
                   settings.target_faces is not None, settings.target_faces or DEFAULT_FACES,
                   _texture_label(settings.texture))  # the seed is among the outputs already
-        cached = True
-        for kind, _, value in self._guarded(self.produce([settings], progress)):
-            if kind == "entry":
-                yield (*self._outputs(value, settings, request, cached, started), *inputs)
-            else:
-                cached = False
+        for _, _, entry in self._guarded(self.produce([settings], progress, show_pending=False)):
+            yield (*self._outputs(entry, settings, request, not entry.fresh, started), *inputs)
 
     def pick_variant(self, chosen, evt: gr.SelectData, request: gr.Request, progress=gr.Progress()):
         """A click on a variant's preview: that mesh in the viewer, with its downloads and link."""
         if not chosen or evt.index is None or not 0 <= evt.index < len(chosen):
             raise gr.Error("That variant is no longer available; make the variants again.")
-        fields = {k: v for k, v in chosen[evt.index].items() if k != "key"}
-        yield from self.show_entry(Settings(**fields), request, progress)
+        yield from self.show_entry(settings_from(chosen[evt.index]), request, progress)
 
     def pick_history(self, history, evt: gr.SelectData, request: gr.Request, progress=gr.Progress()):
         """A click on a history entry: restored from the store, or made again from its settings."""
         entries = (history or {}).get("entries", [])
         if evt.index is None or not 0 <= evt.index < len(entries):
             raise gr.Error("That history entry is gone.")
-        kept = entries[evt.index]
-        settings = Settings(**{k: kept[k] for k in Settings.__dataclass_fields__})
-        yield from self.show_entry(settings, request, progress)
+        yield from self.show_entry(settings_from(entries[evt.index]), request, progress)
 
     # -- history (kept in the browser) ------------------------------------------------------------
     def remember(self, result, history):
@@ -471,13 +485,17 @@ class TriplaneTurboApp:
         return history, self.history_gallery(history)
 
     def history_gallery(self, history):
+        """Gallery items for the browser's history. The entries come from the browser, so each
+        thumbnail is decoded and re-encoded (bounded in size) before it is written, and a broken
+        entry is left out."""
         items = []
-        for entry in (history or {}).get("entries", []):
+        for entry in (history or {}).get("entries", [])[:HISTORY_SIZE] if isinstance(history, dict) else []:
             try:
-                thumb = self.store.thumbnail(base64.b64decode(entry["thumb"]))
-            except (KeyError, ValueError, OSError):
+                settings = settings_from(entry)
+                thumb = self.store.thumbnail(checked_thumbnail(entry["thumb"]))
+            except (gr.Error, KeyError, TypeError, ValueError, OSError):
                 continue
-            items.append((str(thumb), f"{entry['prompt'][:60]} · seed {entry['seed']}"))
+            items.append((str(thumb), f"{settings.prompt[:60]} · seed {settings.seed}"))
         return items
 
     def clear_history(self):
@@ -502,11 +520,41 @@ class TriplaneTurboApp:
             gr.Warning(f"The link's resolution is not one of {RESOLUTIONS}; using {DEFAULT_RESOLUTION}.")
             resolution = DEFAULT_RESOLUTION
         faces = query.get("faces", "")
-        simplify = faces.isdigit()
-        texture = query.get("texture", "uv") if query.get("texture") in TEXTURES.values() else "uv"
+        simplify = faces.isascii() and faces.isdigit()
+        texture = query.get("texture") if query.get("texture") in TEXTURES.values() else "uv"
         return (self.loader.status(), query["prompt"], seed, randomize, resolution,
                 query.get("floaters", "") in ("1", "true"), simplify, int(faces) if simplify else gr.skip(),
                 _texture_label(texture), time.time_ns())
+
+
+def settings_from(kept) -> Settings:
+    """Settings from a history or variant entry, which the browser holds (and could have changed):
+    checked as strictly as the inputs of ``generate``."""
+    try:
+        prompt, notes = clean_prompt(kept["prompt"])
+        faces = kept.get("target_faces")
+        return Settings(prompt, pick_seed(kept["seed"], False), check_resolution(kept["mesh_resolution"]),
+                        _flag(kept.get("remove_floaters"), "remove_floaters"),
+                        None if faces is None else check_faces(faces), check_texture(kept.get("texture", "uv")))
+    except (KeyError, TypeError, AttributeError):
+        raise gr.Error("That entry is damaged; generate it again.") from None
+
+
+def checked_thumbnail(encoded, limit: int = 64_000) -> bytes:
+    """A history thumbnail from the browser (base64 JPEG), decoded, bounded and re-encoded."""
+    from PIL import Image
+
+    data = base64.b64decode(encoded, validate=True)
+    if len(data) > limit:
+        raise ValueError("thumbnail too large")
+    import io
+
+    import numpy as np
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width > 256 or image.height > 256:
+            raise ValueError("thumbnail too large")
+        return thumbnail_jpeg(np.asarray(image.convert("RGB")), size=min(image.width, 96))
 
 
 def _texture_label(value: str) -> str:

@@ -221,6 +221,7 @@ BAD_INPUTS = [
     (dict(remove_floaters="no"), "true or false"),
     (dict(simplify=True, target_faces=10), "between"),
     (dict(simplify=True, target_faces="many"), "whole number"),
+    (dict(seed="²"), "whole number"),
     (dict(texture="png"), "texture must be one of"),
     (dict(texture=None), "texture must be one of"),
 ]
@@ -336,7 +337,10 @@ class StubPipe:
     revision, config = "stub", GenerationConfig()
 
     def __init__(self, run, dtype=torch.float32):
-        self.run, self.device, self.dtype, self.fields = run, torch.device("cpu"), dtype, None
+        from triplane_turbo.triplane import TriplaneFields
+
+        self.run, self.device, self.dtype = run, torch.device("cpu"), dtype
+        self.fields = TriplaneFields(1, (4,))  # for baking: sphere_output's triplanes have one channel
         self.calls = 0
 
     def set_progress_bar_config(self, **kwargs):
@@ -571,3 +575,53 @@ def test_the_device_and_dtype_follow_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert webapp.pick_device(None) == "mps"
     assert webapp.app_dtype("mps") == webapp.app_dtype("cuda") == torch.float16  # MPS: not run here (no Apple GPU)
+
+
+def test_history_entries_from_the_browser_are_checked(tmp_path):
+    """The history lives in the browser's storage, where anyone can edit it."""
+    import base64
+    import io
+
+    app = stub_app(tmp_path, StubPipe(sphere_output))
+    good = call(app, seed=5)[-1]
+    bad_settings = {**good, "mesh_resolution": 999}
+    not_an_image = {**good, "seed": 6, "thumb": base64.b64encode(b"<script>x</script>").decode()}
+    huge = io.BytesIO()
+    Image.new("RGB", (2000, 2000)).save(huge, format="JPEG")
+    too_big = {**good, "seed": 7, "thumb": base64.b64encode(huge.getvalue()).decode()}
+    items = app.history_gallery({"version": 1, "entries": [good, bad_settings, not_an_image, too_big, {"x": 1}]})
+    assert [caption for _, caption in items] == ["a chair · seed 5"]
+    assert all(Image.open(path).size == (96, 96) for path, _ in items)  # re-encoded, not the browser's bytes
+
+    class Select:
+        index = 0
+
+    with pytest.raises(gr.Error, match="must be one of"):
+        webapp._last(app.pick_history({"entries": [bad_settings]}, Select(), None, Progress()))
+    with pytest.raises(gr.Error, match="damaged"):
+        webapp._last(app.pick_history({"entries": [{"prompt": "a chair"}]}, Select(), None, Progress()))
+    restored = webapp._last(app.pick_history({"entries": [good]}, Select(), None, Progress()))
+    assert restored[1]["cached"] is True and restored[2] == 5
+
+
+def test_a_variant_without_a_surface_is_left_out(tmp_path):
+    def some_empty(prompts, seeds):
+        out = sphere_output(prompts, seeds)
+        out.meshes[1] = trimesh.Trimesh()
+        return out
+
+    app = stub_app(tmp_path, StubPipe(some_empty))
+    with pytest.warns(UserWarning, match="No surface for seed 21"):
+        gallery, files, chosen = app.variants("a chair", 20, 3, 128, progress=Progress())
+    assert [caption for _, caption in gallery] == ["seed 20", "seed 22"] and len(files) == 2
+    assert [c["seed"] for c in chosen] == [20, 22]
+
+
+def test_a_link_with_odd_numbers_is_still_answered(tmp_path):
+    class Request:
+        query_params = {"prompt": "a chair", "seed": "²", "faces": "²", "resolution": "x"}
+
+    app = stub_app(tmp_path, StubPipe(sphere_output))
+    with pytest.warns(UserWarning):
+        status, prompt, seed, randomize, resolution, *_ = app.on_load(Request())
+    assert prompt == "a chair" and randomize is True and resolution == webapp.DEFAULT_RESOLUTION

@@ -102,8 +102,21 @@ def test_resuming_skips_finished_lines_and_redoes_the_rest(tmp_path):
     (tmp_path / read_records(tmp_path)[2]["file"]).unlink()  # a file lost since
     assert [item.line for item in pending_lines(lines, tmp_path, 0, settings)] == [2, 3]
     assert [item.line for item in pending_lines(lines, tmp_path, 0, BatchSettings(texture="uv"))] == [1, 2, 3]
-    merge_manifest(tmp_path)
+    merge_manifest(tmp_path, settings)
     assert [json.loads(line)["line"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_rerun_with_other_settings_finishes_and_its_manifest_points_at_the_new_files(tmp_path):
+    lines = [PromptLine(1, "a"), PromptLine(2, "b")]
+    glb, obj = BatchSettings(texture="vertex"), BatchSettings(texture="vertex", file_format="obj")
+    run_batch(StubPipe(), lines, tmp_path, glb)
+    merge_manifest(tmp_path, glb)
+    run_batch(StubPipe(), pending_lines(lines, tmp_path, 0, obj), tmp_path, obj, rank=1)  # another process's file
+    merge_manifest(tmp_path, obj)
+    assert pending_lines(lines, tmp_path, 0, obj) == []  # done: a third run has nothing left
+    files = [json.loads(line)["file"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert all(name.endswith(".obj") for name in files) and len(files) == 2
+    assert pending_lines(lines, tmp_path, 0, glb) == []  # and the first settings' files still count
 
 
 def run_module(args, cwd, env=None, launcher=()):

@@ -122,7 +122,7 @@ def test_the_torch_rasteriser_on_cuda_equals_the_cpu():
 
 def test_nvdiffrast_agrees_with_the_torch_rasteriser():
     """Same coverage except where a pixel centre lies on an edge (tie rules may differ), same
-    barycentrics and depth where the same triangle is drawn, same baked texture."""
+    barycentrics and depth where the same triangle is drawn, and the same interpolated positions."""
     import trimesh
 
     from triplane_turbo.raster import interpolate, nvdiffrast_available, rasterize

@@ -104,24 +104,28 @@ def test_chart_borders_are_no_worse_than_the_rest(baked):
     assert error[border].mean() <= 1.25 * error[~border].mean(), (error[border].mean(), error[~border].mean())
 
 
-def test_the_normal_map_carries_the_sdf_normals(baked):
-    """Decoding the normal map with the tangent frame a viewer derives from positions and UVs gives
-    the SDF's normals on the 5k-face mesh much better than its own smooth vertex normals."""
+def test_the_normal_map_carries_the_sdf_normals(baked, tmp_path):
+    """Decoding the exported GLB's normal map with the tangent frame a viewer derives from the file's
+    positions, UVs and normals gives the SDF's normals on the 5k-face mesh much better than the
+    file's smooth vertex normals do."""
     fields, triplane, mesh, texture = baked
-    points, faces, bary = surface_samples(mesh, 5000)
+    (loaded,) = trimesh.load_scene(export_mesh(mesh, tmp_path / "chair.glb", texture=texture),
+                                   process=False).geometry.values()
+    normal_map = np.asarray(loaded.visual.material.normalTexture.convert("RGB"))
+    points, faces, bary = surface_samples(loaded, 5000)
     from triplane_turbo.texture import sdf_normals
 
-    truth = sdf_normals(fields, triplane, torch.tensor(points, dtype=torch.float32)).numpy()
-    uv_corners = texture.uv[texture.faces[faces]]
-    uv = (uv_corners * bary[..., None]).sum(1)
-    encoded = sample_bilinear(texture.normal, uv) * 2 - 1
-    # the viewer's frame: dP/du, dP/dv of the triangle, the interpolated vertex normal
-    p = mesh.vertices[mesh.faces[faces]]
+    truth = sdf_normals(fields, triplane, torch.tensor(model_frame(points), dtype=torch.float32)).numpy()
+    truth = to_display_frame(truth)
+    uv_corners = loaded.visual.uv[loaded.faces[faces]]
+    encoded = sample_bilinear(normal_map, (uv_corners * bary[..., None]).sum(1)) * 2 - 1
+    # the viewer's frame: dP/du, dP/dv of the triangle, the file's interpolated vertex normal
+    p = loaded.vertices[loaded.faces[faces]]
     e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
     d1, d2 = uv_corners[:, 1] - uv_corners[:, 0], uv_corners[:, 2] - uv_corners[:, 0]
     det = (d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0])[:, None]
     dp_du, dp_dv = (e1 * d2[:, 1:] - e2 * d1[:, 1:]) / det, (e2 * d1[:, :1] - e1 * d2[:, :1]) / det
-    smooth = (mesh.vertex_normals[mesh.faces[faces]] * bary[..., None]).sum(1)
+    smooth = (loaded.vertex_normals[loaded.faces[faces]] * bary[..., None]).sum(1)
     n = smooth / np.linalg.norm(smooth, axis=1, keepdims=True)
     t = dp_du - (dp_du * n).sum(1, keepdims=True) * n
     t /= np.linalg.norm(t, axis=1, keepdims=True)
@@ -129,7 +133,9 @@ def test_the_normal_map_carries_the_sdf_normals(baked):
     decoded = encoded[:, :1] * t + encoded[:, 1:2] * b + encoded[:, 2:] * n
     decoded /= np.linalg.norm(decoded, axis=1, keepdims=True)
     angle = lambda a, c: np.degrees(np.arccos(np.clip((a * c).sum(1), -1, 1)))  # noqa: E731
-    assert np.median(angle(decoded, truth)) < 2.0
+    # measured 0.14° median and 0.6° at the 95th percentile (a GLB whose normals crease along the UV
+    # seams gave 1.9° and 11°); the smooth vertex normals alone are 5° off
+    assert np.median(angle(decoded, truth)) < 0.5 and np.percentile(angle(decoded, truth), 95) < 2.0
     assert np.median(angle(decoded, truth)) < np.median(angle(n, truth)) / 2
 
 
@@ -157,8 +163,10 @@ def test_a_rough_mesh_gets_one_cell_per_triangle_fast():
     covered = rasterize_atlas(torch.tensor(uv), torch.tensor(faces), SIZE)
     drawn = np.unique(covered[..., 3][covered[..., 3] > 0].numpy().astype(int) - 1)
     assert len(drawn) == len(faces)  # every triangle owns texels
-    # and cells do not overlap
-    assert np.array_equal(triangle_atlas(sphere.faces, SIZE)[2], uv)
+    assert np.array_equal(triangle_atlas(sphere.faces, SIZE)[2], uv)  # the cells, not xatlas
+    # and no two cells overlap: the texels covered add up to the triangles' summed UV area
+    uv_area = trimesh.triangles.area(np.pad(uv[faces], ((0, 0), (0, 0), (0, 1)))).sum()
+    assert float((covered[..., 3] > 0).float().mean()) == pytest.approx(uv_area, rel=0.05)
 
 
 def test_fill_gutters_copies_the_nearest_covered_texel():
@@ -187,9 +195,13 @@ def test_the_glb_material_embeds_the_textures_and_is_not_metallic(baked, tmp_pat
 def test_obj_is_written_with_its_material_and_image_side_by_side(baked, tmp_path):
     _, _, mesh, texture = baked
     export_mesh(mesh, tmp_path / "chair.obj", texture=texture)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.mtl", "chair.obj", "chair.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.mtl", "chair.obj", "chair.png"]  # before the next
     assert "mtllib chair.mtl" in (tmp_path / "chair.obj").read_text()
     assert "map_Kd chair.png" in (tmp_path / "chair.mtl").read_text()
+    export_mesh(mesh, tmp_path / "my chair.obj", texture=texture)  # readers split mtllib/map_Kd on spaces
+    assert "mtllib my_chair.mtl" in (tmp_path / "my chair.obj").read_text()
+    assert "map_Kd my_chair.png" in (tmp_path / "my_chair.mtl").read_text() and (tmp_path / "my_chair.png").is_file()
+    assert trimesh.load(tmp_path / "my chair.obj", force="mesh").visual.material.image.size == (SIZE, SIZE)
     with pytest.raises(ValueError, match="baked for another mesh"):
         export_mesh(simplify(mesh, 2000), tmp_path / "other.glb", texture=texture)
     display = to_display_frame(mesh.vertices)

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     output.parent.mkdir(parents=True, exist_ok=True)
     path = export_mesh(mesh, output, file_format, texture=result.textures[0])
-    extra = f" (+ {path.stem}.mtl, {path.stem}.png)" if file_format == "obj" and result.textures[0] is not None else ""
+    side = "_".join(path.stem.split())  # as export names the OBJ's side files
+    extra = f" (+ {side}.mtl, {side}.png)" if file_format == "obj" and result.textures[0] is not None else ""
     print(f"{path}{extra}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, seed {result.seeds[0]}, "
           f"{generate_s:.1f} s on {device} ({str(dtype).removeprefix('torch.')}; load {load_s:.1f} s)")
     return 0

@@ -44,7 +44,6 @@ from .export import encode_mesh, zip_files
 logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[0-9a-f]{32}")
-_THUMB = re.compile(r"[0-9a-f]{32}\.jpg")
 MARKER = ".triplane-turbo-results"
 #: Everything the store may find in its root (the first app version kept entries in 32-hex folders
 #: and ".staging-*" folders at the top: those are its own and are cleared on start).
@@ -196,6 +195,7 @@ class Entry:
     key: str
     files: dict[str, Path]  # "glb", "obj", "ply", "stl", "preview"
     record: dict
+    fresh: bool = False  # made just now (``save``), rather than found (``load``)
 
 
 class ResultStore:
@@ -290,7 +290,7 @@ class ResultStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return Entry(key, self.paths(key), record)
+        return Entry(key, self.paths(key), record, fresh=True)
 
     def pending_glb(self, key: str, mesh) -> Path:
         """A vertex-coloured GLB shown while the texture bakes (``files/<key>.pending/``, cleaned up
@@ -321,35 +321,50 @@ class ResultStore:
                 continue
         return sorted(found)
 
-    def enforce_limits(self, keep: str | None = None) -> list[str]:
+    def enforce_limits(self, keep: str | set[str] | None = None) -> list[str]:
         """Deletes entries older than ``max_age_s``, then the oldest while over ``max_bytes``.
 
-        ``keep`` (the entry just written or served) is never deleted. Returns the deleted keys.
+        ``keep`` (the entries just written or served) is never deleted. Returns the deleted keys.
+        Files that other requests remove meanwhile are simply skipped.
         """
+        keep = {keep} if isinstance(keep, str) else set(keep or ())
         now, removed = time.time(), []
+
+        def age(path: Path) -> float:
+            try:
+                return now - path.stat().st_mtime
+            except FileNotFoundError:
+                return -1.0
+
         with self._lock:
             for child in (self.root / ".staging").iterdir():
-                if now - child.stat().st_mtime > 3600:  # left behind by a crash
+                if age(child) > 3600:  # left behind by a crash
                     shutil.rmtree(child, ignore_errors=True)
             entries = self.entries()
-            total = sum(size for _, size, _ in entries)
-            total += sum(f.stat().st_size for f in (self.root / "thumbs").iterdir())
+            total = sum(size for _, size, _ in entries) + sum(_size(f) for f in (self.root / "thumbs").iterdir())
             for mtime, size, child in entries:
                 key = child.name.removesuffix(".pending")
                 pending_done = child.name.endswith(".pending") and now - mtime > 600
-                if key != keep and (now - mtime > self.max_age_s or total > self.max_bytes or pending_done):
+                if key not in keep and (now - mtime > self.max_age_s or total > self.max_bytes or pending_done):
                     shutil.rmtree(child, ignore_errors=True)
                     if not child.name.endswith(".pending"):
                         (self.root / "records" / f"{key}.json").unlink(missing_ok=True)
                         removed.append(key)
                     total -= size
             for thumb in (self.root / "thumbs").iterdir():
-                if now - thumb.stat().st_mtime > self.max_age_s:
+                if age(thumb) > self.max_age_s:
                     thumb.unlink(missing_ok=True)
             for record in (self.root / "records").iterdir():  # records whose files are gone
-                if not (self.root / "files" / record.stem).exists() and now - record.stat().st_mtime > 60:
+                if not (self.root / "files" / record.stem).exists() and age(record) > 60:
                     record.unlink(missing_ok=True)
         return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _empty_glb() -> bytes:

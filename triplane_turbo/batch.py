@@ -132,10 +132,20 @@ def _valid_json(line: bytes) -> bool:
         return False
 
 
-def read_records(out_dir: Path) -> dict[int, dict]:
-    """The latest record of every line, from every process's file (an ``ok`` beats an error)."""
+def read_records(out_dir: Path, settings: BatchSettings | None = None) -> dict[int, dict]:
+    """The record that counts for every line, from the merged manifest and every process's file.
+
+    An ``ok`` record made with ``settings`` beats any other ``ok`` record, which beats an error;
+    among equals the later one wins (the merged manifest is read first, then the process files).
+    """
+    wanted = asdict(settings) if settings is not None else None
+
+    def rank(record: dict) -> int:
+        ok = record.get("status") == "ok"
+        return 2 * ok + (ok and wanted is not None and record.get("settings") == wanted)
+
     records: dict[int, dict] = {}
-    for path in sorted(out_dir.glob("manifest.rank*.jsonl")) + [out_dir / MANIFEST]:
+    for path in [out_dir / MANIFEST] + sorted(out_dir.glob("manifest.rank*.jsonl")):
         if not path.exists():
             continue
         for raw in path.read_bytes().split(b"\n"):
@@ -143,14 +153,14 @@ def read_records(out_dir: Path) -> dict[int, dict]:
                 continue
             record = json.loads(raw)
             old = records.get(record.get("line"))
-            if old is None or record.get("status") == "ok" or old.get("status") != "ok":
+            if old is None or rank(record) >= rank(old):
                 records[record["line"]] = record
     return records
 
 
-def merge_manifest(out_dir: Path) -> Path:
+def merge_manifest(out_dir: Path, settings: BatchSettings | None = None) -> Path:
     """``manifest.jsonl``: one record per processed line, sorted by line (written atomically)."""
-    records = read_records(out_dir)
+    records = read_records(out_dir, settings)
     path = out_dir / MANIFEST
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text("".join(json.dumps(records[line], ensure_ascii=False) + "\n" for line in sorted(records)),
@@ -161,7 +171,7 @@ def merge_manifest(out_dir: Path) -> Path:
 
 def pending_lines(lines: list[PromptLine], out_dir: Path, base_seed: int, settings: BatchSettings) -> list[PromptLine]:
     """Lines without an ``ok`` record for these settings whose file exists."""
-    records = read_records(out_dir)
+    records = read_records(out_dir, settings)
     todo = []
     for item in lines:
         record = records.get(item.line)
@@ -365,8 +375,8 @@ def main(argv=None) -> int:
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = merge_manifest(args.out)
-        records = read_records(args.out)
+        manifest = merge_manifest(args.out, settings)
+        records = read_records(args.out, settings)
         ok = sum(r.get("status") == "ok" for r in records.values())
         errors = sum(r.get("status") == "error" for r in records.values())
         print(f"{manifest}: {ok} ok, {errors} errors ({done_before} done before this run); this process made "

@@ -68,7 +68,8 @@ def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | Non
     A ColorVisuals mesh is written without a material, so glTF's default one applies
     (metallicFactor = 1) and viewers show the object almost black. A white, non-metallic PBR
     material multiplied by COLOR_0 shows the colours as they are; COLOR_0 holds them in linear
-    light, as glTF defines it (the colour field gives display sRGB values).
+    light, as glTF defines it (the colour field gives display sRGB values). They are 8-bit (trimesh
+    writes colour attributes as bytes), so the darkest tones band; the textured GLB has no such loss.
     """
     material = trimesh.visual.material.PBRMaterial(
         baseColorFactor=[255, 255, 255, 255],
@@ -86,23 +87,28 @@ def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | Non
 
 
 def _obj_files(mesh: trimesh.Trimesh, name: str, texture: UVTexture | None) -> dict[str, bytes]:
-    """OBJ text, plus ``name.mtl`` and ``name.png`` when there is a texture."""
+    """OBJ text, plus ``name.mtl`` and ``name.png`` when there is a texture.
+
+    The side files' names have spaces replaced by underscores: OBJ and MTL readers split the
+    ``mtllib`` and ``map_Kd`` lines on whitespace.
+    """
     if texture is None:
         # Vertex colours go on the "v x y z r g b" lines; no .mtl is produced.
         text = export_obj(mesh, include_normals=False, include_color=True, include_texture=False, resolver=None)
         return {f"{name}.obj": text.encode("utf-8")}
     from PIL import Image
 
+    side = "_".join(name.split())
     textured = texture.textured_mesh(mesh)
     text = export_obj(textured, include_normals=False, include_color=False, include_texture=True,
-                      return_texture=True, mtl_name=f"{name}.mtl")[0]
+                      return_texture=True, mtl_name=f"{side}.mtl")[0]
     png = io.BytesIO()
     Image.fromarray(texture.base_color).save(png, format="PNG")
     # Written here rather than taken from trimesh: its .mtl names the image "material_0.png" and
     # sets a grey ambient and a specular term that DCC tools then add to the texture.
     mtl = (f"# TriplaneTurbo: base colour baked from the colour field (sRGB)\nnewmtl material_0\n"
-           f"Ka 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nillum 1\nmap_Kd {name}.png\n")
-    return {f"{name}.obj": text.encode("utf-8"), f"{name}.mtl": mtl.encode("utf-8"), f"{name}.png": png.getvalue()}
+           f"Ka 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nillum 1\nmap_Kd {side}.png\n")
+    return {f"{name}.obj": text.encode("utf-8"), f"{side}.mtl": mtl.encode("utf-8"), f"{side}.png": png.getvalue()}
 
 
 def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",

@@ -1,7 +1,7 @@
 """Finding the weights: Hub repo ids or local paths, through huggingface_hub's cache.
 
-Only the files the pipeline uses are fetched: the safetensors of the UNet, the VAE decoder and the
-text encoder (in one precision variant), the tokenizer and the scheduler config (no EMA copies, no
+Only the files the pipeline uses are fetched: the safetensors of the UNet, the VAE (whose encoder is
+then dropped) and the text encoder (in one precision variant), the tokenizer and the scheduler config (no EMA copies, no
 ``.bin`` duplicates, no safety checker). ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself.
 
 Every way a download can fail becomes a ``WeightsNotAvailableError`` whose message names the
@@ -225,7 +225,7 @@ def _fetch_base_model(repo_id: str, revision: str | None, variant: str | None, t
         # Try the smaller variant first; a repo without it (or a cache holding only float32) falls back.
         try:
             folder = _hub_snapshot(repo_id, base_model_files(variant), revision, tqdm_class, **kwargs)
-            if not _missing(folder, base_model_files(variant)[-3:]):
+            if not _missing(folder, weight_files(variant)):
                 return folder, variant
             logger.info("%s has no %s weights; using the float32 files", repo_id, variant)
         except (IncompleteSnapshotError, LocalEntryNotFoundError):

@@ -214,7 +214,7 @@ class TriplaneTurboPipeline:
                                    source=str(weights.adapter_file), fuse_lora=fuse_lora,
                                    attention_kernel=attention_kernel, channels_last=channels_last, config=config)
         pipe.revision = weights.revision
-        return pipe.to(device, dtype)
+        return pipe.to(device, torch.float32 if dtype is None else dtype)  # float16 files, float32 asked: cast
 
     @classmethod
     def from_components(cls, tokenizer, text_encoder, unet, vae, scheduler, adapter_state_dict: dict,
@@ -270,8 +270,9 @@ class TriplaneTurboPipeline:
             if device is not None:
                 self.fields.to(device)
         except BaseException:
-            # nn.Module.to swaps tensors one at a time; holding the old ones costs nothing extra
-            # (they were all alive before the call) and lets a failure undo the swaps exactly.
+            # nn.Module.to swaps tensors one at a time; holding the old ones lets a failure undo the
+            # swaps exactly. For a move between devices that costs nothing extra on either; a cast on
+            # one device holds the old and the new weights there until the call returns.
             for owner, table, name, tensor, data in saved:
                 tensor.data = data
                 table[name] = tensor

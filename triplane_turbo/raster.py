@@ -96,9 +96,11 @@ def rasterize(clip_positions: torch.Tensor, faces: torch.Tensor, resolution: tup
     if len(faces) == 0:
         return torch.zeros(positions.shape[0], height, width, 4, device=positions.device)
     if resolve_backend(backend, positions.device) == "nvdiffrast":
-        rast, _ = __import__("nvdiffrast.torch", fromlist=["rasterize"]).rasterize(
-            _nvdiffrast_context(positions.device), positions.contiguous(),
-            faces.to(device=positions.device, dtype=torch.int32).contiguous(), (height, width), grad_db=False)
+        import nvdiffrast.torch as dr
+
+        rast, _ = dr.rasterize(_nvdiffrast_context(positions.device), positions.contiguous(),
+                               faces.to(device=positions.device, dtype=torch.int32).contiguous(), (height, width),
+                               grad_db=False)
         return rast
     faces = faces.to(device=positions.device, dtype=torch.long)
     return torch.stack([_rasterize_one(p, faces, height, width) for p in positions])

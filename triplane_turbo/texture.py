@@ -104,7 +104,10 @@ class UVTexture:
             normalTexture=Image.fromarray(self.normal) if self.normal is not None else None,
             baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=roughness)
         visual = trimesh.visual.TextureVisuals(uv=self.uv, material=material)
-        return trimesh.Trimesh(np.asarray(mesh.vertices)[self.vmapping], self.faces, visual=visual, process=False)
+        # the unsplit mesh's smooth normals: computed on the split mesh they would crease along the
+        # seams, and the normal map was baked against these
+        return trimesh.Trimesh(np.asarray(mesh.vertices)[self.vmapping], self.faces, visual=visual, process=False,
+                               vertex_normals=np.asarray(mesh.vertex_normals)[self.vmapping])
 
 
 def validate_texture_size(size) -> int:

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
         return 2
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     from . import TriplaneTurboPipeline, WeightSources, hub
     from .adapter import CheckpointMismatchError
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         trainer.load(resume)
         if accelerator.is_main_process:
             print(f"resuming from {resume} (step {trainer.step})", file=sys.stderr)
-    rank_generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+    rank_generator = torch.Generator()
     log = args.output / "log.jsonl"
     from tqdm.auto import tqdm
 
@@ -132,8 +133,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         losses = trainer.train_step(chosen)
         seconds = time.perf_counter() - start
+        by_process = gather_object([chosen]) if accelerator.num_processes > 1 else [chosen]
         if accelerator.is_main_process:
-            record = {"step": trainer.step, "seconds": round(seconds, 3), "prompts": chosen,
+            record = {"step": trainer.step, "seconds": round(seconds, 3), "prompts": by_process,
                       **{k: round(v, 6) for k, v in losses.items()}}
             with open(log, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -62,11 +62,12 @@ def sample_bilinear(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     x = ((grid[..., 0] + 1) * w - 1) / 2  # [N, 1, P] continuous pixel positions
     y = ((grid[..., 1] + 1) * h - 1) / 2
     x0, y0 = x.detach().floor(), y.detach().floor()
+    fx, fy = x - x0, y - y0  # in [0, 1): the derivative is grid_sample's, even on a texel's centre
     flat = planes.reshape(n, c, h * w)
     out = 0
     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
         xi, yi = x0 + dx, y0 + dy
-        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())  # bilinear tap weight, [N, 1, P]
+        weight = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)  # bilinear tap weight, [N, 1, P]
         inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)  # zero padding
         index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().reshape(n, 1, -1).expand(-1, c, -1)
         taps = torch.gather(flat, 2, index).reshape(n, c, *x.shape[1:])

@@ -23,11 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import adapter as peta
@@ -58,8 +56,8 @@ class PRDTrainer:
         self.pipe, self.teachers, self.config, self.accelerator = pipe, teachers, config, accelerator
         self.step = 0
         self.device = pipe.device
-        rank = accelerator.process_index if accelerator is not None else 0
-        self.generator = torch.Generator().manual_seed(config.seed * 1009 + rank)  # noise and cameras per process
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.generator = torch.Generator()
         pipe.fields.twice_differentiable = True  # the eikonal term differentiates the SDF's gradient
         for module in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.fields):
             module.requires_grad_(False)
@@ -91,6 +89,9 @@ class PRDTrainer:
         Returns the losses of the iteration, summed over the denoising steps.
         """
         pipe, cfg = self.pipe, self.config
+        # Noise, cameras, sample jitter and the teacher's timesteps come from (seed, process, step):
+        # each process draws its own, and a resumed run draws what the uninterrupted one would have.
+        self.generator.manual_seed(((cfg.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) % 2**63)
         with torch.no_grad():
             context = pipe.plane_context(pipe.encode_prompt(prompts).clone())  # [6P, 77, D], no gradient
         scheduler = pipe._fresh_scheduler(pipe.config.num_steps)
@@ -143,13 +144,14 @@ class PRDTrainer:
         return losses
 
     def _average_gradients(self) -> None:
-        """Data parallel: every process ends the iteration with the mean of all processes' gradients."""
+        """Data parallel: every process ends the iteration with the mean of all processes' gradients
+        (one all-reduce of all gradients, flattened into one buffer)."""
         if self.accelerator is None or self.accelerator.num_processes == 1:
             return
-        for param in self.parameters:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for param, piece in zip(self.parameters, flat.split([g.numel() for g in grads])):
+            param.grad = piece.view_as(param).clone()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def adapter_state_dict(self):
@@ -158,16 +160,14 @@ class PRDTrainer:
         return peta.adapter_state_dict(pipe.unet, pipe.vae, pipe.fields, pipe.spec)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """``folder/step-<n>/``: ``adapter.pth`` (published layout) and ``trainer.pt`` (optimiser, step,
-        random states), written to a temporary folder first and renamed, so a kill leaves no half."""
+        """``folder/step-<n>/``: ``adapter.pth`` (published layout) and ``trainer.pt`` (optimiser state and
+        step count), written to a temporary folder first and renamed, so a kill leaves no half."""
         folder = Path(folder)
         final = folder / f"step-{self.step:07d}"
         staging = folder / f".step-{self.step:07d}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         peta.save_checkpoint(staging / "adapter.pth", self.adapter_state_dict(), self.step)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(), "random": random.getstate()}, staging / "trainer.pt")
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, staging / "trainer.pt")
         (staging / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
         if final.exists():
             import shutil
@@ -177,7 +177,7 @@ class PRDTrainer:
         return final
 
     def load(self, checkpoint: str | os.PathLike) -> None:
-        """Continue from ``save``'s folder: adapter weights, optimiser state, step count, random states."""
+        """Continue from ``save``'s folder: adapter weights, optimiser state, step count."""
         checkpoint = Path(checkpoint)
         state = peta.read_checkpoint(checkpoint / "adapter.pth")
         pipe = self.pipe
@@ -185,14 +185,9 @@ class PRDTrainer:
         peta.load_adapter_weights(pipe.unet, pipe.vae, slots, state, str(checkpoint))
         pipe.fields.load_state_dict({k[len("geometry."):]: v for k, v in state.items()
                                      if not k.startswith(peta.GROUP_PREFIX)})
-        # our own file (optimiser state and random states, which weights_only cannot hold)
-        trainer = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
+        trainer = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(trainer["optimizer"])
-        self.step = trainer["step"]
-        self.generator.set_state(trainer["generator"])
-        torch.set_rng_state(trainer["torch"])
-        np.random.set_state(trainer["numpy"])
-        random.setstate(trainer["random"])
+        self.step = int(trainer["step"])
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

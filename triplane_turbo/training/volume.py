@@ -100,12 +100,14 @@ class NeuSRenderer:
         mids = (depths[..., 1:] + depths[..., :-1]) / 2  # [B, R, K]
         delta = depths[..., 1:] - depths[..., :-1]
         points = (origins[:, :, None] + directions[:, :, None] * mids[..., None]).reshape(b, -1, 3)
+        training = torch.is_grad_enabled()  # the caller's mode: normals are needed either way
         if not points.requires_grad:
             points.requires_grad_(True)
         with torch.enable_grad():
             sdf = fields.sdf(triplane, points)  # [B, P, 1]
-            gradient = torch.autograd.grad(sdf.sum(), points, create_graph=torch.is_grad_enabled() and sdf.requires_grad,
-                                           retain_graph=True)[0]
+            gradient = torch.autograd.grad(sdf.sum(), points, create_graph=training, retain_graph=training)[0]
+        if not training:
+            sdf, gradient = sdf.detach(), gradient.detach()
         normal = F.normalize(gradient, dim=-1).reshape(b, r, -1, 3)
         sdf = sdf.reshape(b, r, -1)
         cos = (directions[:, :, None] * normal).sum(-1)
@@ -141,9 +143,7 @@ class NeuSRenderer:
                     for k, v in out.items()}
 
         small = cfg.global_rays if cfg.global_rays and cfg.global_rays < size else size
-        resize = lambda x, s: F.interpolate(x.permute(0, 3, 1, 2), (s, s), mode="bilinear",  # noqa: E731
-                                            align_corners=False).permute(0, 2, 3, 1)
-        images = run(resize(origins, small), resize(directions, small)) if small < size else run(origins, directions)
+        images = run(*cameras.rays(small)) if small < size else run(origins, directions)
         gradients = images.pop("sdf_gradients")
         if small < size:
             images = {k: F.interpolate(v, (size, size), mode="bilinear", align_corners=False) for k, v in images.items()}
