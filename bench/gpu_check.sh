@@ -25,5 +25,13 @@ python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tes
 tests=${PIPESTATUS[0]}
 python3 bench/pipeline.py --device cuda --runs "$runs" --json "$out/cuda.json" 2>&1 | tee "$out/bench_cuda.log"
 bench=${PIPESTATUS[0]}
+# the other rows issue 10 asks for; each is worth having even if another fails
+python3 bench/pipeline.py --device cuda --runs "$runs" --no-baseline --resolution 256 --json "$out/cuda-r256.json" \
+  2>&1 | tee "$out/bench_cuda_r256.log"
+python3 bench/pipeline.py --device cuda --runs "$runs" --no-baseline --dtype bfloat16 --json "$out/cuda-bf16.json" \
+  2>&1 | tee "$out/bench_cuda_bf16.log"
+python3 bench/pipeline.py --device cuda --runs "$runs" --no-baseline --texture uv --faces 20000 \
+  --json "$out/cuda-uv-20k.json" 2>&1 | tee "$out/bench_cuda_uv.log"
+python3 bench/texture.py --device cuda --json "$out/texture-cuda.json" 2>&1 | tee "$out/bench_texture.log"
 echo "tests exit $tests, benchmark exit $bench"
 exit $(( tests || bench ))
