@@ -580,7 +580,6 @@ def test_the_device_and_dtype_follow_the_hardware(monkeypatch):
 def test_history_entries_from_the_browser_are_checked(tmp_path):
     """The history lives in the browser's storage, where anyone can edit it."""
     import base64
-    import io
 
     app = stub_app(tmp_path, StubPipe(sphere_output))
     good = call(app, seed=5)[-1]

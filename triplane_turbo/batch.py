@@ -214,7 +214,7 @@ def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSetti
     manifest = RankManifest(out_dir, rank)
     stats = BatchStats()
     start = time.perf_counter()
-    queue = [item for item in lines]
+    queue = list(lines)
     for item in [i for i in queue if i.error]:
         manifest.append(_record(item, base_seed, settings, rank, error=item.error))
         stats.errors += 1
