@@ -40,7 +40,9 @@ import torch
 from triplane_turbo.app_support import (Entry, ModelLoader, ModelNotReadyError, OutputFolderError, ResultStore,
                                         thumbnail_jpeg)
 from triplane_turbo.config import MAX_SEED
-from triplane_turbo.pipeline import PromptTruncatedWarning, clean_text, default_dtype
+from triplane_turbo.devices import default_dtype
+from triplane_turbo.inputs import clean_text
+from triplane_turbo.pipeline import PromptTruncatedWarning
 from triplane_turbo.preview import render_preview
 from triplane_turbo.texture import bake_texture
 

@@ -402,7 +402,7 @@ def run_variant(args) -> dict:
         triplane = triplane.float()
         if variant == "ours":  # the grid SDF ours meshed (deterministic: recomputed outside the timing)
             sdf = pipe.fields.grid_sdf(triplane.to(pipe.fields.bbox.device), args.resolution,
-                                       pipe._field_chunk())[0]
+                                       pipe.mesher.field_chunk())[0]
         triplane, sdf = triplane[0].cpu(), sdf.float().cpu()
     torch.save({"triplane": triplane, "sdf": sdf}, args.tensors)
     report.update(

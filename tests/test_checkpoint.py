@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from triplane_turbo import CheckpointMismatchError, TriplaneTurboPipeline
-from triplane_turbo.adapter import AdapterSpec, adapter_slots, expected_layout, read_checkpoint
+from triplane_turbo.adapter import AdapterSpec, adapter_slots, expected_layout
+from triplane_turbo.checkpoint import read_checkpoint
 from triplane_turbo.config import PUBLISHED_ADAPTER, SD21_UNET_CONFIG, SD21_VAE_CONFIG
 
 from .conftest import FIXTURE_A, FIXTURES
@@ -155,7 +156,7 @@ def test_the_facts_the_code_cites_are_in_the_repository():
 
 
 def test_writing_an_adapter_is_the_inverse_of_loading_it(tmp_path):
-    from triplane_turbo.adapter import adapter_state_dict, save_checkpoint
+    from triplane_turbo.checkpoint import adapter_state_dict, save_checkpoint
 
     original = read_checkpoint(FIXTURE_A / "adapter.pth")
     pipe = TriplaneTurboPipeline.from_pretrained(str(FIXTURE_A / "base"), str(FIXTURE_A / "adapter.pth"),

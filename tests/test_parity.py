@@ -74,7 +74,7 @@ def test_text_embeddings(fast_pipe, golden, prompts):
 
 
 def test_timesteps_exact(fast_pipe, golden):
-    scheduler = fast_pipe._fresh_scheduler(4)
+    scheduler = fast_pipe.scheduler_for(4)
     assert torch.equal(scheduler.timesteps, golden["scheduler_timesteps_before_shift"])
     assert torch.equal(fast_pipe.timesteps(4), golden["timesteps"])
     for i in range(4):
@@ -96,7 +96,7 @@ def test_unet_noise_prediction(pipe, golden, step):
 
 
 def test_ddim_updates_from_golden_noise(fast_pipe, golden):
-    scheduler = fast_pipe._fresh_scheduler(4)
+    scheduler = fast_pipe.scheduler_for(4)
     x = golden["initial_latents"]
     for i, t in enumerate(fast_pipe.timesteps(4)):
         out = scheduler.step(golden[f"step{i}_noise_pred"], int(t), x)
@@ -155,7 +155,7 @@ def test_sparse_deformation_meshes_as_the_golden_dense_grids(fast_pipe, golden):
     c = surface.corners
     assert_close(offsets, golden["grid_deformation"][0][c[:, 0], c[:, 1], c[:, 2]], "grid_deformation (edge ends)")
 
-    vertices, faces = fast_pipe.mesh_surface(golden["triplane"], sdf)
+    vertices, faces = fast_pipe.mesher.mesh_surface(golden["triplane"], sdf)
     dense_vertices, dense_faces = marching_cubes(sdf, golden["grid_deformation"][0])
     assert len(faces) > 100
     assert (faces == dense_faces).all()

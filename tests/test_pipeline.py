@@ -236,7 +236,7 @@ def test_the_sampler_arithmetic_stays_float32_under_a_float16_unet(tiny_model_di
     x0 = pipe.denoise(embeddings, latents, num_steps=4)
     assert x0.dtype == torch.float32 and all(x.dtype == torch.float16 for x in inputs + predictions)
     # the same DDIM steps, in float32, from the UNet's own (float16) predictions
-    scheduler = pipe._fresh_scheduler(4)
+    scheduler = pipe.scheduler_for(4)
     x = latents
     for t, eps in zip(pipe.timesteps(4), predictions):
         step = scheduler.step(eps.float(), int(t), x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from triplane_turbo import TriplaneTurboPipeline, WeightsNotAvailableError
-from triplane_turbo import adapter as peta
+from triplane_turbo import checkpoint
 from triplane_turbo import hub
 from triplane_turbo.config import DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL
 
@@ -28,7 +28,7 @@ def weights():
 
 @pytest.mark.timeout(3600)
 def test_the_published_checkpoint_has_the_documented_layout(weights):
-    state_dict = peta.read_checkpoint(weights.adapter_file)
+    state_dict = checkpoint.read_checkpoint(weights.adapter_file)
     assert len(state_dict) == 1110 and sum(t.numel() for t in state_dict.values()) == 22_684_166
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from triplane_turbo import GenerationConfig, TriplaneTurboPipeline
-from triplane_turbo import adapter as peta
+from triplane_turbo.adapter import adapter_parameters
+from triplane_turbo.checkpoint import read_checkpoint
 from triplane_turbo.training import (FixedImageTeacher, NeuSRenderer, PRDTrainer, StableDiffusionTeacher, TrainConfig,
                                      VolumeConfig, sample_cameras)
 from triplane_turbo.training.config import TINY_TRAINING, CameraConfig, MeshConfig
@@ -53,7 +54,7 @@ def test_one_iteration_trains_the_adapter_and_nothing_else(tiny_model_dir):
     trainer = PRDTrainer(pipe, [teacher], config)
     trainable = {id(p) for p in trainer.parameters}
     frozen = [p for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters() if id(p) not in trainable]
-    adapter_names = {n for m in (pipe.unet, pipe.vae) for n, _ in peta.adapter_parameters(m)}
+    adapter_names = {n for m in (pipe.unet, pipe.vae) for n, _ in adapter_parameters(m)}
     assert len(trainable) == len(adapter_names) + len(list(pipe.fields.parameters()))
     base_before, teacher_before = snapshot(frozen), snapshot(teacher.frozen_parameters())
     adapter_before = snapshot(trainer.parameters)
@@ -169,8 +170,8 @@ def test_three_steps_export_an_adapter_that_loads_and_resuming_continues(tmp_pat
     assert [r["step"] for r in log_records(run) if "seconds" in r] == [1, 2, 3]
     assert (run / "previews" / "step-0000003.png").is_file()
 
-    start = peta.read_checkpoint(tiny_model_dir[1])  # the tiny adapter the run started from (same seed)
-    trained = peta.read_checkpoint(run / "adapter.pth")
+    start = read_checkpoint(tiny_model_dir[1])  # the tiny adapter the run started from (same seed)
+    trained = read_checkpoint(run / "adapter.pth")
     assert list(trained) == list(start) and all(trained[k].shape == start[k].shape for k in start)
     changed = [k for k in start if not torch.equal(trained[k], start[k])]
     assert len(changed) > 0.5 * len(start) and "geometry.bbox" not in changed

@@ -13,7 +13,8 @@ nothing GPU-specific is imported at module import time.
 from .adapter import AdapterSpec, CheckpointMismatchError
 from .config import GenerationConfig, WeightSources
 from .hub import WeightsNotAvailableError
-from .pipeline import PromptTruncatedWarning, TriplaneTurboOutput, TriplaneTurboPipeline, default_dtype
+from .devices import default_dtype
+from .pipeline import PromptTruncatedWarning, TriplaneTurboOutput, TriplaneTurboPipeline
 from .triplane import Fields, TriplaneFields
 
 __all__ = [

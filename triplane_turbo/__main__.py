@@ -9,93 +9,70 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER, ENV_BASE_MODEL
+from . import cli
 from .export import FORMATS
+from .inputs import parse_seed, validate_num_steps
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m triplane_turbo",
-        description="Generate a textured 3D mesh from a text prompt with TriplaneTurbo.",
-        epilog=(f"Weights: the base model ({DEFAULT_BASE_MODEL}, about 5.2 GB) and the adapter "
-                f"({DEFAULT_ADAPTER_REPO}, about 90 MB) are downloaded from the Hugging Face Hub on first "
-                f"use and cached; {ENV_BASE_MODEL} / {ENV_ADAPTER} point to other repos or local paths. "
-                "--tiny needs no download (random weights: the shapes are meaningless)."),
-    )
+def _seed(text: str) -> int:
+    try:
+        return parse_seed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _steps(text: str) -> int:
+    try:
+        return validate_num_steps(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m triplane_turbo",
+                                     description="Generate a textured 3D mesh from a text prompt with TriplaneTurbo.",
+                                     epilog=cli.WEIGHTS_EPILOG)
     parser.add_argument("prompt", help="what to generate, e.g. 'a wooden chair'")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="output file (default: mesh.<format> in the current folder)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="file format (default: from the output suffix, else glb)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    parser.add_argument("--resolution", type=int, default=160, help="marching-cubes grid per axis, 32-512")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps (the model is distilled for 4)")
-    parser.add_argument("--texture", choices=("uv", "vertex"), default="uv",
-                        help="uv: a UV atlas with the colour field baked into an image (default); "
-                             "vertex: colours at the vertices only (faster, detail follows the triangle count)")
-    parser.add_argument("--texture-size", type=int, default=1024, help="side of the baked texture, 512-4096")
-    parser.add_argument("--faces", type=int, default=None,
-                        help="simplify to about this many faces (with --texture uv a normal map keeps the "
-                             "full surface's shading)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where to run (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="network precision (auto: float16 on cuda; on cpu bfloat16 where the CPU has native bfloat16, else float32)")
-    parser.add_argument("--tiny", action="store_true", help="offline tiny random model, no download")
-    parser.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
-    parser.add_argument("--adapter", default=None, help=f"Hub id, .pth file or folder (env {ENV_ADAPTER})")
+    parser.add_argument("--seed", type=_seed, default=None, help="random seed (default: random, printed)")
+    parser.add_argument("--steps", type=_steps, default=4, help="denoising steps (the model is distilled for 4)")
+    cli.add_mesh_options(parser)
+    cli.add_model_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    import torch
+    from .inputs import validate_prompts
 
-    from . import TriplaneTurboPipeline
-    from .adapter import CheckpointMismatchError
-    from .export import export_mesh
-    from .hub import IncompatibleBaseModelError, WeightsNotAvailableError
-    from .pipeline import default_dtype, validate_num_steps, validate_prompts, validate_resolution, validate_seed
-
-    try:  # check the cheap things before loading gigabytes
+    try:  # the cheap checks before loading gigabytes
         validate_prompts(args.prompt)
-        validate_resolution(args.resolution)
-        validate_num_steps(args.steps)
-        if not 512 <= args.texture_size <= 4096:
-            raise ValueError(f"--texture-size must be between 512 and 4096, got {args.texture_size}")
-        if args.faces is not None and not 100 <= args.faces <= 10_000_000:
-            raise ValueError(f"--faces must be between 100 and 10000000, got {args.faces}")
-        if args.seed is not None:
-            validate_seed(args.seed)
     except (TypeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        parser.error(str(exc))
     file_format = args.format or (args.output.suffix.lstrip(".").lower() if args.output and args.output.suffix else "glb")
     if file_format not in FORMATS:
-        print(f"error: unknown format {file_format!r}; choose one of {', '.join(FORMATS)}", file=sys.stderr)
-        return 2
+        parser.error(f"unknown format {file_format!r}; choose one of {', '.join(FORMATS)}")
     output = args.output or Path(f"mesh.{file_format}")
+    try:
+        device = cli.resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    dtype = cli.resolve_dtype(args.dtype, device)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    from .export import export_mesh
 
     start = time.perf_counter()
+    if not args.tiny and not args.quiet:
+        print("Loading weights (the first run downloads about 5.3 GB from the Hugging Face Hub)...", file=sys.stderr)
     try:
-        if args.tiny:
-            from .tiny import tiny_pipeline
-
-            pipe = tiny_pipeline(device=device, dtype=dtype)
-        else:
-            if not args.quiet:
-                print("Loading weights (the first run downloads about 5.3 GB from the Hugging Face Hub)...",
-                      file=sys.stderr)
-            pipe = TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype)
-    except (WeightsNotAvailableError, IncompatibleBaseModelError, CheckpointMismatchError) as exc:
+        pipe = cli.load_pipeline(args, device, dtype)
+    except cli.loading_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     load_s = time.perf_counter() - start

@@ -19,7 +19,6 @@ from the module tree itself — never from a library's iteration order.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
@@ -260,18 +259,6 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], layout: dict, source: 
             f"{source}: unexpected key {extra[0]!r} (and {len(extra) - 1} more) not used by this architecture")
 
 
-def read_checkpoint(path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a TriplaneTurbo ``.pth`` file, loaded safely on the CPU."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, a pickle that is not plain tensors
-        raise CheckpointMismatchError(f"{path}: not a readable TriplaneTurbo checkpoint ({exc})") from exc
-    state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointMismatchError(f"{path}: expected a dict of tensors under 'state_dict'")
-    return dict(state_dict)
-
-
 # --------------------------------------------------------------------------------------------------
 # The hand-written part: plane-specific LoRA and joint six-plane attention
 # --------------------------------------------------------------------------------------------------
@@ -343,119 +330,6 @@ class JointTriplaneAttnProcessor:
         return attn.to_out[1](out)  # dropout, inactive at inference
 
 
-# --------------------------------------------------------------------------------------------------
-# Attaching and loading
-# --------------------------------------------------------------------------------------------------
-
-def _unalias_downsamplers(model: nn.Module) -> None:
-    # diffusers registers a Downsample2D conv twice (`conv` and the legacy alias `Conv2d_0`); peft would
-    # wrap only the first name while forward() calls `conv`. Drop the alias so `conv` is the one module.
-    for module in model.modules():
-        if getattr(module, "Conv2d_0", None) is not None and getattr(module, "conv", None) is module.Conv2d_0:
-            del module.Conv2d_0
-
-
-def _lora_config(targets: dict[str, int]):
-    from peft import LoraConfig
-
-    # One entry per module: rank r and alpha r, i.e. the authors' unscaled up(down(x)).
-    pattern = {re.escape(name): r for name, r in targets.items()}
-    any_rank = next(iter(targets.values()))
-    return LoraConfig(r=any_rank, lora_alpha=any_rank, lora_dropout=0.0, bias="none",
-                      target_modules=list(targets), rank_pattern=pattern, alpha_pattern=dict(pattern))
-
-
-def attach_adapter(unet: nn.Module, vae: nn.Module, spec: AdapterSpec, attention_kernel: str = "sdpa") -> list[AdapterSlot]:
-    """Put empty PETA modules into ``unet`` and ``vae`` (in place); returns the slots, by index."""
-    from peft import inject_adapter_in_model
-    from peft.tuners.tuners_utils import cast_adapter_dtype
-
-    slots = adapter_slots(unet, vae)
-    peft_targets: dict[str, dict[str, int]] = {"unet": {}, "vae": {}}
-    for slot in slots:
-        model_name, path = slot.module_path.split(".", 1)
-        if slot.kind == SELF_ATTN:
-            attn = slot.module
-            attn.to_q = PlaneLoRALinear(attn.to_q, spec.self_rank)
-            attn.to_k = PlaneLoRALinear(attn.to_k, spec.self_rank)
-            attn.to_v = PlaneLoRALinear(attn.to_v, spec.self_rank)
-            attn.to_out[0] = PlaneLoRALinear(attn.to_out[0], spec.self_rank, on_output=True)
-            attn.set_processor(JointTriplaneAttnProcessor(attention_kernel))
-        elif slot.kind in (CROSS_ATTN, VAE_ATTN):
-            r = spec.cross_rank if slot.kind == CROSS_ATTN else spec.self_rank
-            for attr in PROJECTIONS.values():
-                peft_targets[model_name][f"{path}.{attr}"] = r
-        elif slot.kind in (UNET_LOCON, VAE_LOCON):
-            peft_targets[model_name][path] = spec.conv_rank
-        elif slot.kind == VAE_CONV_OUT:
-            old = slot.module
-            vae.decoder.conv_out = nn.Conv2d(old.in_channels, spec.out_channels, 3, padding=1,
-                                             device=old.weight.device, dtype=old.weight.dtype)
-    for model_name, model in (("unet", unet), ("vae", vae)):
-        _unalias_downsamplers(model)
-        if peft_targets[model_name]:
-            inject_adapter_in_model(_lora_config(peft_targets[model_name]), model, adapter_name=PEFT_ADAPTER_NAME)
-            # peft creates the LoRA terms in the base layer's dtype; keep them float32 so that the
-            # checkpoint's values survive on float16 base weights until they are merged.
-            cast_adapter_dtype(model, PEFT_ADAPTER_NAME)
-    return adapter_slots(unet, vae)
-
-
-def _peft_key(path: str, proj_attr: str | None, ab: str) -> str:
-    # peft's state-dict naming without the adapter name: "<module>.lora_A.weight"
-    module = f"{path}.{proj_attr}" if proj_attr else path
-    return f"{module}.lora_{ab}.weight"
-
-
-def load_adapter_weights(unet: nn.Module, vae: nn.Module, slots: list[AdapterSlot],
-                         state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy the adapter groups of a checked checkpoint into the attached modules.
-
-    The shared LoRA/LoCON terms are converted once to peft's key names and loaded with
-    ``set_peft_model_state_dict``; every adapter parameter must be filled, or this raises.
-    """
-    from peft import set_peft_model_state_dict
-
-    peft_sd: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}}
-    filled: set[int] = set()
-
-    def copy(param: torch.Tensor, value: torch.Tensor, plane: int | None = None) -> None:
-        with torch.no_grad():
-            (param if plane is None else param[plane]).copy_(value.to(dtype=param.dtype))
-        filled.add(id(param))
-
-    for slot in slots:
-        model_name, path = slot.module_path.split(".", 1)
-        sd = {k[len(slot.prefix):]: v for k, v in state_dict.items() if k.startswith(slot.prefix)}
-        if slot.kind == SELF_ATTN:
-            for p, (plane, half) in enumerate(PLANES):
-                for proj, attr in PROJECTIONS.items():
-                    layer = slot.module.get_submodule(attr)
-                    copy(layer.down, sd[f"{proj}_{plane}_lora_{half}.down.weight"], p)
-                    copy(layer.up, sd[f"{proj}_{plane}_lora_{half}.up.weight"], p)
-        elif slot.kind in (CROSS_ATTN, VAE_ATTN):
-            for proj, attr in PROJECTIONS.items():
-                peft_sd[model_name][_peft_key(path, attr, "A")] = sd[f"{proj}_lora.down.weight"]
-                peft_sd[model_name][_peft_key(path, attr, "B")] = sd[f"{proj}_lora.up.weight"]
-        elif slot.kind in (UNET_LOCON, VAE_LOCON):
-            peft_sd[model_name][_peft_key(path, None, "A")] = sd["down.weight"]
-            peft_sd[model_name][_peft_key(path, None, "B")] = sd["up.weight"]
-        elif slot.kind == VAE_CONV_OUT:
-            copy(slot.module.weight, sd["weight"])
-            copy(slot.module.bias, sd["bias"])
-    for model_name, model in (("unet", unet), ("vae", vae)):
-        result = set_peft_model_state_dict(model, peft_sd[model_name], adapter_name=PEFT_ADAPTER_NAME)
-        if result.unexpected_keys:
-            raise CheckpointMismatchError(f"{source}: peft did not place {result.unexpected_keys[0]!r}")
-        names = dict(model.named_parameters())
-        for key in peft_sd[model_name]:
-            filled.add(id(names[key.replace(".weight", f".{PEFT_ADAPTER_NAME}.weight")]))
-    for model_name, model in (("unet", unet), ("vae", vae)):
-        for name, param in adapter_parameters(model):
-            if id(param) not in filled:
-                raise CheckpointMismatchError(f"{source}: nothing in the file fills {model_name}.{name}")
-
-
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters PETA added to ``model`` (plane LoRA, peft LoRA/LoCON, the new conv_out)."""
     for name, param in model.named_parameters():
@@ -463,84 +337,3 @@ def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield name, param
 
 
-def fuse_shared_lora(model: nn.Module) -> None:
-    """Merge every peft LoRA/LoCON term into its base layer and drop the wrapper (once, at load).
-
-    ``W' = W + up·down`` (for LoCON, ``up`` is 1×1 so the merged kernel keeps the conv's shape):
-    the forward pass then costs what the base model costs. The plane-specific LoRA cannot be merged
-    (each plane would need its own full weight) and stays a batched low-rank product.
-
-    Half-precision base weights (the fp16 download) are merged in float32 one layer at a time and
-    rounded once: peft would add the delta in the base dtype, and casting the whole model up first
-    would double its memory.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                base = child.get_base_layer()
-                dtype = base.weight.dtype
-                child.to(torch.float32)
-                child.merge()
-                setattr(module, child_name, base.to(dtype))
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing a checkpoint (the inverse of loading)
-# --------------------------------------------------------------------------------------------------
-
-def adapter_state_dict(unet: nn.Module, vae: nn.Module, fields: nn.Module, spec: AdapterSpec) -> "OrderedDict[str, torch.Tensor]":
-    """The adapter of an *unfused* pipeline as a checkpoint ``state_dict``, in the published layout.
-
-    The exact inverse of ``load_adapter_weights`` (plus the heads and ``geometry.bbox``): keys, shapes
-    and order are those of ``expected_layout``, values float32 on the CPU. A pipeline whose shared
-    LoRA was fused into the base weights cannot be written back (the terms are no longer separate).
-    """
-    slots = adapter_slots(unet, vae)
-    layout = expected_layout(slots, spec)
-    values: dict[str, torch.Tensor] = {f"geometry.{k}": v for k, v in fields.state_dict().items()}
-    for slot in slots:
-        m = slot.module
-        put = lambda name, tensor: values.__setitem__(slot.prefix + name, tensor)  # noqa: E731
-        if slot.kind == SELF_ATTN:
-            for p, (plane, half) in enumerate(PLANES):
-                for proj, attr in PROJECTIONS.items():
-                    layer = m.get_submodule(attr)
-                    put(f"{proj}_{plane}_lora_{half}.down.weight", layer.down[p])
-                    put(f"{proj}_{plane}_lora_{half}.up.weight", layer.up[p])
-        elif slot.kind in (CROSS_ATTN, VAE_ATTN, UNET_LOCON, VAE_LOCON):
-            targets = PROJECTIONS.items() if slot.kind in (CROSS_ATTN, VAE_ATTN) else [("", None)]
-            for proj, attr in targets:
-                layer = m.get_submodule(attr) if attr else m
-                if not hasattr(layer, "lora_A"):
-                    raise ValueError(f"{slot.module_path}: the shared LoRA was fused into the base weights; load "
-                                     f"the pipeline with fuse_lora=False to write its adapter")
-                name = f"{proj}_lora." if proj else ""
-                put(f"{name}down.weight", layer.lora_A[PEFT_ADAPTER_NAME].weight)
-                put(f"{name}up.weight", layer.lora_B[PEFT_ADAPTER_NAME].weight)
-        elif slot.kind == VAE_CONV_OUT:
-            put("weight", m.weight)
-            put("bias", m.bias)
-    missing = [k for k in layout if k not in values]
-    if missing or len(values) != len(layout):
-        raise CheckpointMismatchError(f"cannot write the adapter: {missing[:1] or 'extra keys'} do not match the layout")
-    return OrderedDict((k, values[k].detach().to("cpu", torch.float32).clone()) for k in layout)
-
-
-def save_checkpoint(path, state_dict: dict[str, torch.Tensor], global_step: int = 0) -> None:
-    """Writes ``state_dict`` in the published container (a Lightning-style dict), atomically."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"epoch": 0, "global_step": int(global_step), "pytorch-lightning_version": "2.0.0",
-                    "state_dict": dict(state_dict)}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,13 +30,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER, ENV_BASE_MODEL, MAX_SEED
+from . import cli
+from .config import MAX_SEED
 from .export import FORMATS
-from .pipeline import clean_text
+from .inputs import MAX_PROMPT_CHARS, clean_text
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 1000
 MANIFEST = "manifest.jsonl"
 
 
@@ -284,37 +284,28 @@ def _record(item: PromptLine, base_seed: int, settings: BatchSettings, rank: int
 # Command line
 # -------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m triplane_turbo.batch",
         description="Generate one mesh per line of a prompt file into a folder, with a manifest; resumable. "
                     "Under `accelerate launch` the lines are split across the processes.",
-        epilog=f"Weights as for `python -m triplane_turbo` ({DEFAULT_BASE_MODEL}, {DEFAULT_ADAPTER_REPO}; "
-               f"{ENV_BASE_MODEL} / {ENV_ADAPTER} override them).")
+        epilog=cli.WEIGHTS_EPILOG)
     parser.add_argument("prompts", type=Path, help="a UTF-8 text file, one prompt per line")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; only it is written to)")
     parser.add_argument("--seed", type=int, default=0, help="line n uses seed SEED + n - 1 (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
-    parser.add_argument("--resolution", type=int, default=160, help="marching-cubes grid per axis, 32-512")
     parser.add_argument("--format", choices=FORMATS, default="glb", help="file format (default glb)")
-    parser.add_argument("--texture", choices=("uv", "vertex"), default="uv", help="baked UV texture or vertex colours")
-    parser.add_argument("--texture-size", type=int, default=1024, help="baked texture side, 512-4096")
-    parser.add_argument("--faces", type=int, default=None, help="simplify each mesh to about this many faces")
-    parser.add_argument("--tiny", action="store_true", help="the offline tiny random model (no download)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    parser.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
-    parser.add_argument("--adapter", default=None, help=f"Hub id, .pth file or folder (env {ENV_ADAPTER})")
+    cli.add_mesh_options(parser)
+    cli.add_model_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    if not 32 <= args.resolution <= 512:
-        parser.error("--resolution must be between 32 and 512")
-    if not 512 <= args.texture_size <= 4096:
-        parser.error("--texture-size must be between 512 and 4096")
-    if args.faces is not None and args.faces < 100:
-        parser.error("--faces must be at least 100")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be between 0 and {MAX_SEED}")
     return args
@@ -326,28 +317,17 @@ def main(argv=None) -> int:
     if not args.prompts.is_file():
         print(f"error: no prompt file {args.prompts}", file=sys.stderr)
         return 2
-    import torch
     from accelerate import PartialState
 
-    from .adapter import CheckpointMismatchError
-    from .hub import IncompatibleBaseModelError, WeightsNotAvailableError
-    from .pipeline import TriplaneTurboPipeline, default_dtype
-
-    # On a machine without CUDA (or with --device cpu) the processes talk over gloo: accelerate's
-    # MULTI_CPU. (Its `--cpu` launcher starts several processes only through MPI; its torchrun
-    # launcher, `--multi_gpu`, starts them anywhere, and this makes them CPU processes.)
-    use_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available()) \
-        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    device = torch.device(args.device or ("cpu" if use_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"))
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        device, use_cpu = cli.process_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dtype = cli.resolve_dtype(args.dtype, device)
     try:  # before the process group exists: libraries write files on rank 0 only once it does
-        if args.tiny:
-            from .tiny import tiny_pipeline
-
-            pipe = tiny_pipeline(device=device, dtype=dtype)
-        else:
-            pipe = TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype)
-    except (WeightsNotAvailableError, IncompatibleBaseModelError, CheckpointMismatchError) as exc:
+        pipe = cli.load_pipeline(args, device, dtype)
+    except cli.loading_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     pipe.set_progress_bar_config(disable=True)

@@ -23,23 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import ENV_ADAPTER, ENV_BASE_MODEL
+from . import cli
 
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m triplane_turbo.train",
                                      description="Fine-tune the TriplaneTurbo adapter on your prompts with PRD "
                                                  "(stage 1: Stable Diffusion 2.1 as the teacher).")
     parser.add_argument("--prompts", type=Path, required=True, help="a UTF-8 text file, one prompt per line")
     parser.add_argument("--steps", type=int, required=True, help="train until this many iterations in total")
     parser.add_argument("--output", type=Path, required=True, help="the run's folder (created; resumed if it holds one)")
-    parser.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
-    parser.add_argument("--adapter", default=None, help=f"the starting adapter: Hub id, .pth or folder (env {ENV_ADAPTER})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (teacher included): a CPU smoke test")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts per iteration and process")
     parser.add_argument("--views", type=int, default=4, help="cameras per prompt and denoising step")
@@ -48,7 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations (and at the end)")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; default 2)")
     parser.add_argument("--preview-every", type=int, default=500, help="a preview picture every N iterations (0: never)")
+    cli.add_mesh_options(parser, resolution=96, texture="vertex", title="mesh (the preview pictures)")
+    cli.add_model_options(parser, dtype_help="the teachers' precision (auto: float16 on a GPU, else float32); the "
+                                             "adapter itself always trains in float32")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("steps", "prompts_per_step", "views", "accumulate", "save_every", "keep"):
         if getattr(args, name) < 1:
@@ -61,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    from .pipeline import clean_text
+    from .inputs import clean_text
 
     prompts = [clean_text(line)[0] for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     prompts = [p for p in prompts if p]
@@ -83,12 +87,17 @@ def main(argv=None) -> int:
     from accelerate.utils import gather_object
 
     from . import TriplaneTurboPipeline, WeightSources, hub
-    from .adapter import CheckpointMismatchError
     from .config import GenerationConfig
     from .training import PRDTrainer, StableDiffusionTeacher, TrainConfig, latest_checkpoint
     from .training.config import TINY_TRAINING, CameraConfig
 
-    use_cpu = (args.device or "").startswith("cpu") or (args.device is None and not torch.cuda.is_available())
+    try:
+        device, use_cpu = cli.process_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    auto = torch.float16 if device.type == "cuda" else torch.float32
+    teacher_dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     config = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=args.lr, accumulate=args.accumulate,
                          seed=args.seed, renderers=args.renderers, cameras=CameraConfig(views=args.views),
                          **(TINY_TRAINING if args.tiny else {}))
@@ -105,13 +114,11 @@ def main(argv=None) -> int:
             weights = hub.resolve(sources.base_model, sources.adapter, sources.adapter_filename)
             generation = GenerationConfig()
         accelerator = Accelerator(cpu=use_cpu, gradient_accumulation_steps=1)
-        device = torch.device(args.device) if args.device else accelerator.device
         pipe = TriplaneTurboPipeline.from_resolved(weights, device=device, dtype=torch.float32, fuse_lora=False,
                                                    config=generation)
         pipe.set_progress_bar_config(disable=True)
-        teacher = StableDiffusionTeacher(weights.base_dir, device, torch.float16 if device.type == "cuda" else torch.float32,
-                                         config.guidance)
-    except (hub.WeightsNotAvailableError, hub.IncompatibleBaseModelError, CheckpointMismatchError) as exc:
+        teacher = StableDiffusionTeacher(weights.base_dir, device, teacher_dtype, config.guidance)
+    except cli.loading_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{losses['total']:.4g}")
             if args.preview_every and trainer.step % args.preview_every == 0:
-                save_preview(pipe, prompts[0], args.output / "previews" / f"step-{trainer.step:07d}.png")
+                save_preview(pipe, prompts[0], args.output / "previews" / f"step-{trainer.step:07d}.png", args)
         if trainer.step % args.save_every == 0 or trainer.step == args.steps:
             if accelerator.is_main_process:
                 checkpoint = trainer.save(args.output)
@@ -173,7 +180,7 @@ def parameters_in_sync(trainer, accelerator) -> bool:
     return bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0))
 
 
-def save_preview(pipe, prompt: str, path: Path) -> None:
+def save_preview(pipe, prompt: str, path: Path, options: argparse.Namespace) -> None:
     """The current adapter's mesh for ``prompt`` (seed 0), as a preview picture."""
     import torch
     from PIL import Image
@@ -182,8 +189,9 @@ def save_preview(pipe, prompt: str, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        out = pipe(prompt, seed=0, mesh_resolution=96, texture="vertex")
-    Image.fromarray(render_preview(out.meshes[0], size=256)).save(path)
+        out = pipe(prompt, seed=0, mesh_resolution=options.resolution, texture=options.texture,
+                   texture_size=options.texture_size, target_faces=options.faces)
+    Image.fromarray(render_preview(out.meshes[0], out.textures[0], size=256)).save(path)
 
 
 if __name__ == "__main__":

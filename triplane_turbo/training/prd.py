@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .. import adapter as peta
+from ..adapter import adapter_parameters, adapter_slots
+from ..checkpoint import adapter_state_dict, fields_state_dict, read_checkpoint, save_checkpoint
+from ..loading import load_adapter_weights
 from .cameras import sample_cameras
 from .config import TrainConfig, ramp
 from .mesh import MeshRenderer
@@ -62,7 +64,7 @@ class PRDTrainer:
         for module in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.fields):
             module.requires_grad_(False)
         for model in (pipe.unet, pipe.vae):
-            for _, param in peta.adapter_parameters(model):
+            for _, param in adapter_parameters(model):
                 param.requires_grad_(True)
         pipe.fields.requires_grad_(True)
         if config.gradient_checkpointing:
@@ -94,7 +96,7 @@ class PRDTrainer:
         self.generator.manual_seed(((cfg.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) % 2**63)
         with torch.no_grad():
             context = pipe.plane_context(pipe.encode_prompt(prompts).clone())  # [6P, 77, D], no gradient
-        scheduler = pipe._fresh_scheduler(pipe.config.num_steps)
+        scheduler = pipe.scheduler_for(pipe.config.num_steps)
         steps = self.timesteps()
         latent = torch.randn((6 * len(prompts), pipe.unet.config.in_channels, pipe.config.latent_size,
                               pipe.config.latent_size), generator=self.generator).to(self.device)
@@ -157,7 +159,7 @@ class PRDTrainer:
     def adapter_state_dict(self):
         """The adapter in the published layout (``from_pretrained(base, file)`` loads it)."""
         pipe = self.pipe
-        return peta.adapter_state_dict(pipe.unet, pipe.vae, pipe.fields, pipe.spec)
+        return adapter_state_dict(pipe.unet, pipe.vae, pipe.fields, pipe.spec)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """``folder/step-<n>/``: ``adapter.pth`` (published layout) and ``trainer.pt`` (optimiser state and
@@ -166,7 +168,7 @@ class PRDTrainer:
         final = folder / f"step-{self.step:07d}"
         staging = folder / f".step-{self.step:07d}.partial"
         staging.mkdir(parents=True, exist_ok=True)
-        peta.save_checkpoint(staging / "adapter.pth", self.adapter_state_dict(), self.step)
+        save_checkpoint(staging / "adapter.pth", self.adapter_state_dict(), self.step)
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, staging / "trainer.pt")
         (staging / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
         if final.exists():
@@ -179,12 +181,11 @@ class PRDTrainer:
     def load(self, checkpoint: str | os.PathLike) -> None:
         """Continue from ``save``'s folder: adapter weights, optimiser state, step count."""
         checkpoint = Path(checkpoint)
-        state = peta.read_checkpoint(checkpoint / "adapter.pth")
+        state = read_checkpoint(checkpoint / "adapter.pth")
         pipe = self.pipe
-        slots = peta.adapter_slots(pipe.unet, pipe.vae)
-        peta.load_adapter_weights(pipe.unet, pipe.vae, slots, state, str(checkpoint))
-        pipe.fields.load_state_dict({k[len("geometry."):]: v for k, v in state.items()
-                                     if not k.startswith(peta.GROUP_PREFIX)})
+        slots = adapter_slots(pipe.unet, pipe.vae)
+        load_adapter_weights(pipe.unet, pipe.vae, slots, state, str(checkpoint))
+        pipe.fields.load_state_dict(fields_state_dict(state))
         trainer = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.step = int(trainer["step"])

@@ -1,0 +1,146 @@
+"""The options every command line shares, declared once: which model, where it runs, and how meshes
+are made. ``python -m triplane_turbo`` (generate), ``.batch``, ``.train`` and ``.evaluate`` add them
+with ``add_model_options`` / ``add_mesh_options``; values are checked by the library's own
+validators, so a bound is the same everywhere (``--texture-size 64`` works wherever the library
+accepts 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import (DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER, ENV_BASE_MODEL, MAX_RESOLUTION,
+                     MIN_RESOLUTION, TEXTURE_MODES)
+from .inputs import MAX_TARGET_FACES, MIN_TARGET_FACES, validate_resolution, validate_target_faces
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHTS_EPILOG = (f"Weights: the base model ({DEFAULT_BASE_MODEL}, about 5.2 GB) and the adapter "
+                  f"({DEFAULT_ADAPTER_REPO}, about 90 MB) are downloaded from the Hugging Face Hub on first use "
+                  f"and cached; {ENV_BASE_MODEL} / {ENV_ADAPTER} point to other repos or local paths. --tiny needs "
+                  "no download (random weights: the shapes are meaningless).")
+
+
+def _checked(validate, cast=int):
+    """An argparse ``type`` that parses with ``cast`` and checks with a library validator."""
+    def parse(text: str):
+        try:
+            return validate(cast(text))
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = validate.__name__.removeprefix("validate_")  # argparse names the type in errors
+    return parse
+
+
+def _texture_size(value):
+    from .texture import validate_texture_size  # imports torch: only when a value is parsed
+
+    return validate_texture_size(value)
+
+
+#: argparse types for the mesh options: one object each, so every command parses with the same one.
+RESOLUTION = _checked(validate_resolution)
+TEXTURE_SIZE = _checked(_texture_size)
+TARGET_FACES = _checked(validate_target_faces)
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, dtype_help: str | None = None) -> None:
+    """--base-model, --adapter, --tiny, --device, --dtype."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
+    group.add_argument("--adapter", default=None, help=f"Hub id, .pth file or folder (env {ENV_ADAPTER})")
+    group.add_argument("--tiny", action="store_true", help="offline tiny random model, no download")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1, mps (default: CUDA when available, else the CPU)")
+    group.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help=dtype_help or "network precision (auto: float16 on a GPU; on the CPU bfloat16 where "
+                                          "the CPU has native bfloat16, else float32)")
+
+
+def add_mesh_options(parser: argparse.ArgumentParser, *, resolution: int = 160, texture: str = "uv",
+                     title: str = "mesh") -> None:
+    """--resolution, --texture, --texture-size, --faces (defaults: the published settings unless a
+    command follows another protocol, e.g. the evaluation's R = 128 with vertex colours)."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--resolution", type=RESOLUTION, default=resolution,
+                       help=f"marching-cubes grid per axis, {MIN_RESOLUTION}-{MAX_RESOLUTION} (default {resolution})")
+    group.add_argument("--texture", choices=TEXTURE_MODES, default=texture,
+                       help="uv: a UV atlas with the colour field baked into an image; vertex: colours at the "
+                            f"vertices only (faster, detail follows the triangle count); default {texture}")
+    group.add_argument("--texture-size", type=TEXTURE_SIZE, default=1024,
+                       help="side of the baked texture in texels, 64-4096 (default 1024)")
+    group.add_argument("--faces", type=TARGET_FACES, default=None,
+                       help=f"simplify to about this many faces, {MIN_TARGET_FACES}-{MAX_TARGET_FACES} (with --texture "
+                            "uv a normal map keeps the full surface's shading)")
+
+
+def resolve_device(requested: str | None) -> str:
+    """The device a command runs on: as asked (checked), else CUDA when available, else the CPU."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r}: not a device (use cpu, cuda, cuda:1 or mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA device is available here (use --device cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {requested}: Apple's MPS is not available here (use --device cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {requested}: unsupported device type {kind!r}")
+    return requested
+
+
+def process_device(requested: str | None):
+    """(device, on_cpu) for one process of a command that ``accelerate launch`` may start many times.
+
+    Without CUDA (or with ``--device cpu``, or ACCELERATE_USE_CPU) the processes talk over gloo:
+    accelerate's MULTI_CPU. (Its ``--cpu`` launcher starts several processes only through MPI; its
+    torchrun launcher, ``--multi_gpu``, starts them anywhere, and this makes them CPU processes.)
+    Otherwise each process takes the GPU of its LOCAL_RANK.
+    """
+    import os
+
+    import torch
+
+    if requested is not None:
+        requested = resolve_device(requested)
+    on_cpu = (requested or "").startswith("cpu") or (requested is None and not torch.cuda.is_available()) \
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    device = torch.device(requested or ("cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"))
+    return device, on_cpu
+
+
+def resolve_dtype(name: str, device):
+    """The dtype for ``--dtype`` on ``device`` ("auto": ``devices.default_dtype``)."""
+    import torch
+
+    from .devices import default_dtype
+
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def loading_errors() -> tuple[type[Exception], ...]:
+    """What loading weights raises with a message for the user (printed as one line, exit code 1)."""
+    from .adapter import CheckpointMismatchError
+    from .hub import IncompatibleBaseModelError, WeightsNotAvailableError
+
+    return WeightsNotAvailableError, IncompatibleBaseModelError, CheckpointMismatchError
+
+
+def load_pipeline(args: argparse.Namespace, device, dtype, **options):
+    """The pipeline the model options name: the tiny random one, or the published weights (or
+    ``--base-model`` / ``--adapter``) through ``from_pretrained``."""
+    if args.tiny:
+        from .tiny import tiny_pipeline
+
+        return tiny_pipeline(device=device, dtype=dtype, **options)
+    from .pipeline import TriplaneTurboPipeline
+
+    return TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype, **options)
+
+
+__all__ = ["DTYPES", "WEIGHTS_EPILOG", "add_mesh_options", "add_model_options", "load_pipeline", "loading_errors",
+           "process_device", "resolve_device", "resolve_dtype"]
