@@ -157,3 +157,37 @@ def tiny_pipeline(device=None, dtype=None, latent_size: int = 16, **kwargs):
                                                      **kwargs)
     pipe.revision = "tiny"
     return pipe
+
+
+#: A miniature CLIP (ViT with 32-pixel patches on 224² inputs, as ViT-B/32, but 32 wide and 2 deep).
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77)
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=224, patch_size=32)
+#: OpenAI CLIP's preprocessing, as ``openai/clip-vit-base-patch32`` publishes it.
+CLIP_PREPROCESSOR = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+                     "do_normalize": True, "do_rescale": True, "do_resize": True,
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "CLIPImageProcessor",
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+                     "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 224}}
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIP in transformers' layout (model, this module's tokenizer, OpenAI's image
+    preprocessing) under ``folder``, for the evaluation's tests and its ``--tiny`` run; returns the folder.
+
+    The weights come from ``seed`` alone (the caller's random state is left as it was).
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(folder)
+    write_tokenizer(folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    text = dict(TINY_CLIP_TEXT, vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=16))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2))
+    return folder
