@@ -45,7 +45,7 @@ def resolve_clip(source: str | os.PathLike | None = None, revision: str | None =
 
     ``source``: a local folder or a Hub id (default: ``TRIPLANE_TURBO_CLIP``, else
     ``openai/clip-vit-base-patch32``). Hub snapshots are identified by their commit, local folders
-    by a hash of their files' names, sizes and modification times.
+    by a hash of their files' names and contents (so the same weights written twice get the same id).
 
     Raises:
         WeightsNotAvailableError: the model could not be fetched (the message says why and what to do).
@@ -68,9 +68,13 @@ def resolve_clip(source: str | os.PathLike | None = None, revision: str | None =
         raise WeightsNotAvailableError(f"{folder} is not a transformers CLIP folder (no config.json)")
     commit = snapshot_commit(folder)
     if commit is None:
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        stamp = "|".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-        commit = "local:" + hashlib.sha256(stamp.encode()).hexdigest()[:12]
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        commit = "local:" + digest.hexdigest()[:12]
     return folder, commit
 
 

@@ -31,6 +31,8 @@ import numpy as np
 from ..batch import (PromptLine, RankManifest, line_seed, merge_manifest, output_name, pending_lines, read_records,
                      run_batch)
 from ..fileio import write_atomic
+from . import report, views
+from .clip import clip_metrics
 from .protocol import EvalSettings, clip_text, dropped, prompt_lines, read_eval_prompts
 
 logger = logging.getLogger(__name__)
@@ -152,8 +154,6 @@ def render_pending(jobs: list[PromptJob], meshes_dir: Path, views_dir: Path, set
                    device=None, backend: str = "auto", progress: bool = False) -> float:
     """Write the views of every mesh that lacks some, split across processes; returns this process's
     rendering seconds per mesh (0 when it rendered none)."""
-    from .views import ViewMesh, render_views
-
     if state.is_main_process:
         views_dir.mkdir(parents=True, exist_ok=True)
         for stale in views_dir.glob(".*.tmp"):
@@ -168,12 +168,12 @@ def render_pending(jobs: list[PromptJob], meshes_dir: Path, views_dir: Path, set
         bar = _bar(len(todo), "views", progress and state.is_main_process)
         for mesh_file in mine:
             start = time.perf_counter()
-            views = render_views(ViewMesh.load(meshes_dir / mesh_file), settings, device=device or "cpu",
-                                 backend=backend)
+            pictures = views.render_views(views.ViewMesh.load(meshes_dir / mesh_file), settings,
+                                          device=device or "cpu", backend=backend)
             for k in range(settings.views):
-                if views.normal is not None:
-                    write_atomic(views_dir / view_name(mesh_file, k, "normal"), _png(views.normal[k]))
-                write_atomic(views_dir / view_name(mesh_file, k), _png(views.rgb[k]))
+                if pictures.normal is not None:
+                    write_atomic(views_dir / view_name(mesh_file, k, "normal"), _png(pictures.normal[k]))
+                write_atomic(views_dir / view_name(mesh_file, k), _png(pictures.rgb[k]))
             seconds += time.perf_counter() - start
             done += 1
             bar.update(state.num_processes)
@@ -190,7 +190,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings = EvalSettings(), clip=None, *,
                       batch_size: int = 1, state=None, device=None, backend: str = "auto", progress: bool = False,
-                      contact_sheet: bool = True) -> EvalResult | None:
+                      contact_sheet: bool = True, info: dict | None = None) -> EvalResult | None:
     """Evaluate a loaded pipeline on ``prompts``: C.S., R@1 and R@5 with the paper's protocol.
 
     Args:
@@ -207,12 +207,11 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
         device: where views are rasterised (default: the pipeline's device).
         progress: progress bars on the main process.
         contact_sheet: also write ``contact_sheet.png``.
+        info: anything JSON-serialisable to keep in ``metrics.json`` under "info" (e.g. the training step).
     Returns:
         On the main process an ``EvalResult`` (its ``metrics`` is what ``metrics.json`` holds); None
         on the others.
     """
-    from . import report
-
     state = state or SingleProcess()
     out_dir = Path(out_dir)
     if state.is_main_process:
@@ -234,16 +233,12 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
         logger.warning("line %d (%r) has no mesh (%s): scored as blank views", job.line.line, job.line.prompt,
                        job.error)
     start = time.perf_counter()
-    from .views import blank_views
-
-    blank = blank_views(settings)
+    blank = views.blank_views(settings)
     images = [(_read_png(views_dir / view_name(job.mesh, k)) if job.mesh else blank[k])
               for job in jobs for k in range(settings.views)]
     texts = list(dict.fromkeys(job.text for job in jobs))  # unique texts, in line order
     index = {text: i for i, text in enumerate(texts)}
     targets = [index[job.text] for job in jobs for _ in range(settings.views)]
-    from .clip import clip_metrics
-
     image_features = clip.embed_images(images)
     text_features = clip.embed_texts(texts)
     scored = clip_metrics(image_features, text_features, targets, settings.score_weight)
@@ -253,6 +248,8 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
               "render_seconds_per_prompt": round(render_seconds, 4) if render_seconds else None,
               "clip_seconds": round(clip_seconds, 3)}
     metrics = report.build_metrics(jobs, lost, scored, texts, settings, pipe, clip, out_dir, views_dir, timing)
+    if info is not None:
+        metrics["info"] = info
     report.write_reports(metrics, out_dir, sheet=contact_sheet)
     return EvalResult(metrics["clip_score"], metrics["r_at_1"], metrics["r_at_5"], out_dir, metrics)
 

@@ -214,11 +214,14 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, clip: torch.Tensor, faces
         positions = clip[b if clip.shape[0] > 1 else 0]
         triangles = rast[b, ..., 3].long() - 1
         depth = rast[b, ..., 2]
+        image = color[b]
         for down in (0, 1):
+            # pairs showing different triangles; those with equal colours are skipped, since their
+            # adjustment, alpha · (c1 − c0), is zero (for a coverage mask: all but the outline)
             if down:
-                pairs = (triangles[:-1, :] != triangles[1:, :]).nonzero()
+                pairs = ((triangles[:-1, :] != triangles[1:, :]) & (image[:-1, :] != image[1:, :]).any(-1)).nonzero()
             else:
-                pairs = (triangles[:, :-1] != triangles[:, 1:]).nonzero()
+                pairs = ((triangles[:, :-1] != triangles[:, 1:]) & (image[:, :-1] != image[:, 1:]).any(-1)).nonzero()
             if not len(pairs):
                 continue
             py, px = pairs[:, 0], pairs[:, 1]
