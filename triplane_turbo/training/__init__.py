@@ -16,3 +16,11 @@ from .volume import NeuSRenderer, VolumeRender
 __all__ = ["CameraConfig", "Cameras", "FixedImageTeacher", "GuidanceConfig", "MeshConfig", "MeshRender", "MeshRenderer",
            "NeuSRenderer", "PRDTrainer", "Renders", "StableDiffusionTeacher", "Teacher", "TrainConfig", "VolumeConfig",
            "VolumeRender", "latest_checkpoint", "sample_cameras"]
+
+# Stage 2's multi-view teachers (MVDream, RichDreamer's normal-depth model) and their UNet.
+from .multiview_unet import MultiViewUNet, MultiViewUNetConfig  # noqa: E402
+from .mvdream import MVDreamConfig, MVDreamTeacher, PromptEncoder  # noqa: E402
+from .richdreamer import RichDreamerConfig, RichDreamerTeacher  # noqa: E402
+
+__all__ += ["MVDreamConfig", "MVDreamTeacher", "MultiViewUNet", "MultiViewUNetConfig", "PromptEncoder",
+            "RichDreamerConfig", "RichDreamerTeacher"]
