@@ -30,12 +30,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
-    """The tiny pipeline, loaded through the real from_pretrained (16x16 latents: fast on CPU)."""
+    """The tiny pipeline, loaded through the real from_pretrained (16x16 latents: fast on CPU; 256²
+    textures unless a test asks for another size)."""
     from triplane_turbo import GenerationConfig, TriplaneTurboPipeline
 
     base_dir, adapter_file = tiny_model_dir
     pipe = TriplaneTurboPipeline.from_pretrained(str(base_dir), str(adapter_file),
-                                                 config=GenerationConfig(latent_size=16))
+                                                 config=GenerationConfig(latent_size=16, texture_size=256))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

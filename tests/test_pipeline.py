@@ -29,7 +29,8 @@ def test_prompt_to_coloured_closed_mesh(tiny_pipe):
                                                                     "texture"]
     assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color", "texture"}
     (texture,) = out.textures  # a UV texture by default
-    assert texture.base_color.shape == (1024, 1024, 3) and texture.normal is None  # no normal map unless simplified
+    size = tiny_pipe.config.texture_size
+    assert texture.base_color.shape == (size, size, 3) and texture.normal is None  # no normal map unless simplified
     assert np.array_equal(texture.vmapping[texture.faces], mesh.faces)
 
 
