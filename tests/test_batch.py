@@ -200,3 +200,21 @@ def test_a_line_from_the_batch_equals_the_command_line(tmp_path, monkeypatch, ca
     np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-4)
     colors = lambda m: np.asarray(m.visual.vertex_attributes["color"], dtype=int)  # noqa: E731
     assert np.abs(colors(a) - colors(b)).max() <= 1
+
+
+def test_baking_on_worker_threads_writes_the_same_files(tmp_path, tiny_pipe):
+    """Textures baked and files written on threads while the networks make the next batch: the
+    same bytes as in line, every line recorded once."""
+    lines = [PromptLine(1, "a wooden chair"), PromptLine(2, "a teapot"), PromptLine(3, "a lamp")]
+    settings = BatchSettings(mesh_resolution=48, texture="uv", texture_size=128)
+    for workers in (0, 2):
+        out = tmp_path / f"workers-{workers}"
+        out.mkdir()
+        stats = run_batch(tiny_pipe, lines, out, settings, batch_size=2, workers=workers)
+        assert stats.ok == 3 and stats.errors == 0 and stats.batch_sizes == [2, 1]
+    records = {w: read_records(tmp_path / f"workers-{w}") for w in (0, 2)}
+    assert sorted(records[2]) == [1, 2, 3] and all(r["status"] == "ok" for r in records[2].values())
+    for line in (1, 2, 3):
+        name = records[0][line]["file"]
+        assert records[2][line]["file"] == name
+        assert (tmp_path / "workers-0" / name).read_bytes() == (tmp_path / "workers-2" / name).read_bytes()
