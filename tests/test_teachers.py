@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from triplane_turbo.training.cameras import Cameras, look_at_origin, sample_cameras
 from triplane_turbo.training.ldm_checkpoint import (SCHEDULE_BUFFERS, SD21_AUTOENCODER, LdmAutoencoderConfig,
                                                     autoencoder_layout, ldm_alphas_cumprod, load_autoencoder,
-                                                    load_strict, read_checkpoint)
-from triplane_turbo.training.multiview_unet import (MVDREAM_SD21, RICHDREAMER_ND, MultiViewUNet, normalize_camera,
-                                                    unet_layout)
+                                                    load_strict, read_checkpoint, unet_layout)
+from triplane_turbo.training.multiview_unet import MVDREAM_SD21, RICHDREAMER_ND, MultiViewUNet, normalize_camera
 from triplane_turbo.training.mvdream import (NEGATIVE_PROMPT, TINY_AUTOENCODER, TINY_MVDREAM, TINY_MVDREAM_UNET,
                                              MVDreamConfig, MVDreamTeacher, PromptEncoder)
 from triplane_turbo.training.richdreamer import (TINY_ND_UNET, TINY_RICHDREAMER, RichDreamerConfig, RichDreamerTeacher,

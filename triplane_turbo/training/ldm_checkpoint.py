@@ -26,6 +26,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .multiview_unet import MVDREAM_SD21, MultiViewUNet, MultiViewUNetConfig
+
+
+class Layout(dict):
+    """Key -> shape of a state dict, written layer by layer (``linear``, ``conv``, ``norm``)."""
+
+    def linear(self, name: str, out: int, inp: int, bias: bool = True) -> None:
+        self[f"{name}.weight"] = (out, inp)
+        if bias:
+            self[f"{name}.bias"] = (out,)
+
+    def conv(self, name: str, out: int, inp: int, k: int) -> None:
+        self[f"{name}.weight"], self[f"{name}.bias"] = (out, inp, k, k), (out,)
+
+    def norm(self, name: str, channels: int) -> None:
+        self[f"{name}.weight"], self[f"{name}.bias"] = (channels,), (channels,)
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
@@ -183,13 +200,8 @@ def autoencoder_layout(config: LdmAutoencoderConfig = SD21_AUTOENCODER) -> dict[
     """Every tensor of ldm's ``AutoencoderKL`` (keys without ``first_stage_model.``) and its shape,
     derived from the config as ldm's Encoder/Decoder lay it out."""
     c = config
-    layout: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, out, inp, k):
-        layout[f"{name}.weight"], layout[f"{name}.bias"] = (out, inp, k, k), (out,)
-
-    def norm(name, channels):
-        layout[f"{name}.weight"], layout[f"{name}.bias"] = (channels,), (channels,)
+    layout = Layout()
+    conv, norm = layout.conv, layout.norm
 
     def resnet(p, cin, cout):
         norm(f"{p}.norm1", cin)
@@ -231,7 +243,7 @@ def autoencoder_layout(config: LdmAutoencoderConfig = SD21_AUTOENCODER) -> dict[
     conv("decoder.conv_out", c.out_ch, ch, 3)
     conv("quant_conv", 2 * c.embed_dim, 2 * c.z_channels, 1)
     conv("post_quant_conv", c.z_channels, c.embed_dim, 1)
-    return layout
+    return dict(layout)
 
 
 def load_autoencoder(state_dict: dict[str, torch.Tensor], config: LdmAutoencoderConfig = SD21_AUTOENCODER,
@@ -251,3 +263,96 @@ def load_autoencoder(state_dict: dict[str, torch.Tensor], config: LdmAutoencoder
     with torch.device("meta"):
         vae = AutoencoderKL(**diffusers_config)
     return load_strict(vae, converted, f"{source}, {VAE_PREFIX}* converted to diffusers")
+
+
+# ---------------------------------------------------------------------------------------------
+# The key layout, derived from a config alone
+# ---------------------------------------------------------------------------------------------
+def unet_layout(config: MultiViewUNetConfig = MVDREAM_SD21) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the ldm-layout state dict (without ``model.diffusion_model.``) and its shape,
+    derived from the architecture config as ldm's ``MultiViewUNetModel`` lays it out.
+
+    Independent of ``MultiViewUNet`` (which is built from modules): the tests compare the two.
+    """
+    c, emb = config, config.time_embed_dim
+    layout = Layout()
+    linear, conv, norm = layout.linear, layout.conv, layout.norm
+
+    def resblock(p, cin, cout):
+        norm(f"{p}.in_layers.0", cin)
+        conv(f"{p}.in_layers.2", cout, cin, 3)
+        linear(f"{p}.emb_layers.1", cout, emb)
+        norm(f"{p}.out_layers.0", cout)
+        conv(f"{p}.out_layers.3", cout, cout, 3)
+        if cin != cout:
+            conv(f"{p}.skip_connection", cout, cin, 1)
+
+    def transformer(p, ch):
+        norm(f"{p}.norm", ch)
+        projection = (lambda n: linear(n, ch, ch)) if c.use_linear_in_transformer else (lambda n: conv(n, ch, ch, 1))
+        projection(f"{p}.proj_in")
+        for d in range(c.transformer_depth):
+            b = f"{p}.transformer_blocks.{d}"
+            for attn, kv in (("attn1", ch), ("attn2", c.context_dim)):
+                linear(f"{b}.{attn}.to_q", ch, ch, bias=False)
+                linear(f"{b}.{attn}.to_k", ch, kv, bias=False)
+                linear(f"{b}.{attn}.to_v", ch, kv, bias=False)
+                linear(f"{b}.{attn}.to_out.0", ch, ch)
+            linear(f"{b}.ff.net.0.proj", 8 * ch, ch)  # GEGLU: value and gate, 4 · ch each
+            linear(f"{b}.ff.net.2", ch, 4 * ch)
+            for i in (1, 2, 3):
+                norm(f"{b}.norm{i}", ch)
+        projection(f"{p}.proj_out")
+
+    linear("time_embed.0", emb, c.model_channels)
+    linear("time_embed.2", emb, emb)
+    linear("camera_embed.0", emb, c.camera_dim)
+    linear("camera_embed.2", emb, emb)
+    conv("input_blocks.0.0", c.model_channels, c.in_channels, 3)
+    skips, ch, ds, index = [c.model_channels], c.model_channels, 1, 1
+    widths = [m * c.model_channels for m in c.channel_mult]
+    for level, width in enumerate(widths):
+        for _ in range(c.num_res_blocks):
+            resblock(f"input_blocks.{index}.0", ch, width)
+            ch = width
+            if ds in c.attention_resolutions:
+                transformer(f"input_blocks.{index}.1", ch)
+            skips.append(ch)
+            index += 1
+        if level != len(widths) - 1:
+            conv(f"input_blocks.{index}.0.op", ch, ch, 3)
+            skips.append(ch)
+            index += 1
+            ds *= 2
+    resblock("middle_block.0", ch, ch)
+    transformer("middle_block.1", ch)
+    resblock("middle_block.2", ch, ch)
+    index = 0
+    for level in reversed(range(len(widths))):
+        for i in range(c.num_res_blocks + 1):
+            resblock(f"output_blocks.{index}.0", ch + skips.pop(), widths[level])
+            ch, sub = widths[level], 1
+            if ds in c.attention_resolutions:
+                transformer(f"output_blocks.{index}.1", ch)
+                sub = 2
+            if level and i == c.num_res_blocks:
+                conv(f"output_blocks.{index}.{sub}.conv", ch, ch, 3)
+                ds //= 2
+            index += 1
+    norm("out.0", ch)
+    conv("out.2", c.out_channels, ch, 3)
+    return dict(layout)
+
+
+
+
+def read_multiview_unet(checkpoint: str | Path, filename: str, config: MultiViewUNetConfig) -> tuple[MultiViewUNet, "LdmCheckpoint", Path]:
+    """A multi-view UNet read strictly from an ldm checkpoint (a local file or folder, or a Hub id),
+    its schedule checked; returns (the UNet, on the CPU; the checkpoint's key groups; the file)."""
+    path = resolve_checkpoint(checkpoint, filename)
+    groups = LdmCheckpoint.split(read_checkpoint(path), str(path))
+    groups.check_schedule(ldm_alphas_cumprod(), str(path))
+    with torch.device("meta"):
+        unet = MultiViewUNet(config)
+    load_strict(unet, groups.unet, f"{path}, model.diffusion_model.*")
+    return unet, groups, path

@@ -15,9 +15,9 @@ layout directly, module for module, so that the published state dict loads with 
 no key table: MVDream's ``sd-v2.1-base-4view.pt`` (config ``MVDREAM_SD21``, from MVDream's
 ``sd-v2-base.yaml``) and RichDreamer's normal-depth ``nd_mv_ema.ckpt`` (``RICHDREAMER_ND``, from its
 ``txtcond_mvsd-4-objaverse_finetune_wovae.yaml``: 8 heads, 1×1-convolution projections in the
-transformers, a 768-wide CLIP-L context). ``unet_layout`` derives the expected key list and shapes from
-a config without building the network; tests compare the two, and compare the layout with diffusers'
-own ldm-to-diffusers converter.
+transformers, a 768-wide CLIP-L context). ``ldm_checkpoint.unet_layout`` derives the expected key list
+and shapes from a config without building the network; tests compare the two, and compare the layout
+with diffusers' own ldm-to-diffusers converter.
 
 Written from the published architecture (MVDream, RichDreamer), not copied from either.
 """
@@ -319,95 +319,6 @@ class MultiViewUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
         return self.out(h)
-
-
-# ---------------------------------------------------------------------------------------------
-# The key layout, derived from a config alone
-# ---------------------------------------------------------------------------------------------
-def unet_layout(config: MultiViewUNetConfig = MVDREAM_SD21) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the ldm-layout state dict (without ``model.diffusion_model.``) and its shape,
-    derived from the architecture config as ldm's ``MultiViewUNetModel`` lays it out.
-
-    Independent of ``MultiViewUNet`` (which is built from modules): the tests compare the two.
-    """
-    c, emb = config, config.time_embed_dim
-    layout: dict[str, tuple[int, ...]] = {}
-
-    def linear(name, out, inp, bias=True):
-        layout[f"{name}.weight"] = (out, inp)
-        if bias:
-            layout[f"{name}.bias"] = (out,)
-
-    def conv(name, out, inp, k):
-        layout[f"{name}.weight"], layout[f"{name}.bias"] = (out, inp, k, k), (out,)
-
-    def norm(name, channels):
-        layout[f"{name}.weight"], layout[f"{name}.bias"] = (channels,), (channels,)
-
-    def resblock(p, cin, cout):
-        norm(f"{p}.in_layers.0", cin)
-        conv(f"{p}.in_layers.2", cout, cin, 3)
-        linear(f"{p}.emb_layers.1", cout, emb)
-        norm(f"{p}.out_layers.0", cout)
-        conv(f"{p}.out_layers.3", cout, cout, 3)
-        if cin != cout:
-            conv(f"{p}.skip_connection", cout, cin, 1)
-
-    def transformer(p, ch):
-        norm(f"{p}.norm", ch)
-        projection = (lambda n: linear(n, ch, ch)) if c.use_linear_in_transformer else (lambda n: conv(n, ch, ch, 1))
-        projection(f"{p}.proj_in")
-        for d in range(c.transformer_depth):
-            b = f"{p}.transformer_blocks.{d}"
-            for attn, kv in (("attn1", ch), ("attn2", c.context_dim)):
-                linear(f"{b}.{attn}.to_q", ch, ch, bias=False)
-                linear(f"{b}.{attn}.to_k", ch, kv, bias=False)
-                linear(f"{b}.{attn}.to_v", ch, kv, bias=False)
-                linear(f"{b}.{attn}.to_out.0", ch, ch)
-            linear(f"{b}.ff.net.0.proj", 8 * ch, ch)  # GEGLU: value and gate, 4 · ch each
-            linear(f"{b}.ff.net.2", ch, 4 * ch)
-            for i in (1, 2, 3):
-                norm(f"{b}.norm{i}", ch)
-        projection(f"{p}.proj_out")
-
-    linear("time_embed.0", emb, c.model_channels)
-    linear("time_embed.2", emb, emb)
-    linear("camera_embed.0", emb, c.camera_dim)
-    linear("camera_embed.2", emb, emb)
-    conv("input_blocks.0.0", c.model_channels, c.in_channels, 3)
-    skips, ch, ds, index = [c.model_channels], c.model_channels, 1, 1
-    widths = [m * c.model_channels for m in c.channel_mult]
-    for level, width in enumerate(widths):
-        for _ in range(c.num_res_blocks):
-            resblock(f"input_blocks.{index}.0", ch, width)
-            ch = width
-            if ds in c.attention_resolutions:
-                transformer(f"input_blocks.{index}.1", ch)
-            skips.append(ch)
-            index += 1
-        if level != len(widths) - 1:
-            conv(f"input_blocks.{index}.0.op", ch, ch, 3)
-            skips.append(ch)
-            index += 1
-            ds *= 2
-    resblock("middle_block.0", ch, ch)
-    transformer("middle_block.1", ch)
-    resblock("middle_block.2", ch, ch)
-    index = 0
-    for level in reversed(range(len(widths))):
-        for i in range(c.num_res_blocks + 1):
-            resblock(f"output_blocks.{index}.0", ch + skips.pop(), widths[level])
-            ch, sub = widths[level], 1
-            if ds in c.attention_resolutions:
-                transformer(f"output_blocks.{index}.1", ch)
-                sub = 2
-            if level and i == c.num_res_blocks:
-                conv(f"output_blocks.{index}.{sub}.conv", ch, ch, 3)
-                ds //= 2
-            index += 1
-    norm("out.0", ch)
-    conv("out.2", c.out_channels, ch, 3)
-    return layout
 
 
 # ---------------------------------------------------------------------------------------------

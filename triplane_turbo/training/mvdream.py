@@ -27,6 +27,7 @@ This module also holds what RichDreamer's teacher shares: ``PromptEncoder`` and 
 from __future__ import annotations
 
 import tempfile
+from abc import abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ramp
-from .ldm_checkpoint import (SD21_AUTOENCODER, LdmAutoencoderConfig, LdmCheckpoint, ldm_alphas_cumprod,
-                             load_autoencoder, load_strict, read_checkpoint, resolve_checkpoint)
+from .ldm_checkpoint import (SD21_AUTOENCODER, LdmAutoencoderConfig, ldm_alphas_cumprod, load_autoencoder,
+                             read_multiview_unet)
 from .multiview_unet import MVDREAM_SD21, MultiViewUNet, MultiViewUNetConfig, normalize_camera
 from .teachers import Renders, Teacher
 
@@ -193,7 +194,72 @@ TINY_AUTOENCODER = LdmAutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TINY_MVDREAM = MVDreamConfig(image_size=32)
 
 
-class MVDreamTeacher(Teacher):
+class MultiViewTeacher(Teacher):
+    """What MVDream and RichDreamer's teachers share: one t per prompt for its views, one
+    camera-conditioned multi-view UNet pass per branch (prompt, negative prompt, and the prompt at t⁺
+    where the teacher uses one) and the "dmd"-normalised ASD loss.
+
+    Subclasses set ``unet``, ``text``, ``config`` (``views``, ``negative_prompt``, ``eps``,
+    ``weight``, the timestep bounds), ``device``, ``alphas_cumprod`` and ``label``, and say how
+    renders become the model's input (``latents``), how cameras become its condition (``camera``),
+    the guidance scale at a step and the second timestep.
+    """
+
+    label = "multi-view teacher"
+
+    @abstractmethod
+    def latents(self, renders: Renders, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[N, C, h, w] the model's input made from the renders (differentiable in them)."""
+
+    @abstractmethod
+    def camera(self, cameras) -> torch.Tensor:
+        """[N, 16] the UNet's camera condition."""
+
+    @abstractmethod
+    def guidance_scale(self, step: int) -> float:
+        """The classifier-free guidance scale at training step ``step``."""
+
+    def second_timestep(self, t: torch.Tensor, min_step: int, generator) -> torch.Tensor | None:
+        """t⁺ [P] for timesteps t [P] (None: t⁺ = t)."""
+        return None
+
+    def loss(self, renders, prompts, step, generator=None):
+        cfg, views = self.config, self.config.views
+        check_views(renders, prompts, views, self.label)
+        x = self.latents(renders, generator)
+        noise = torch.randn(x.shape, generator=generator).to(self.device)
+        low, high = timestep_bounds(step, cfg.min_step, cfg.min_step_until, cfg.max_step)
+        t = torch.randint(low, high, (len(prompts),), generator=generator)
+        t_second = self.second_timestep(t, low, generator)
+        t_second = None if t_second is None else per_prompt(t_second, views).to(self.device)
+        grad = self.gradient(x, noise, per_prompt(t, views).to(self.device), t_second,
+                             self.camera(renders.cameras).to(self.device), prompts, self.guidance_scale(step))
+        return cfg.weight * asd_loss(x, grad, views)
+
+    def gradient(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, t_second: torch.Tensor | None,
+                 camera: torch.Tensor, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        """The distillation gradient [N, C, h, w] at x [N, C, h, w] for timesteps t [N] (and t⁺;
+        None: t⁺ = t, whose branch is then the prompt's own ε), cameras [N, 16]; no graph."""
+        views = self.config.views
+        alpha_bar = self.alphas_cumprod[t]
+
+        def noised(a: torch.Tensor) -> torch.Tensor:
+            return a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+
+        with torch.no_grad():
+            cond = per_prompt(self.text(prompts), views)
+            uncond = per_prompt(self.text([self.config.negative_prompt] * len(prompts)), views)
+            inputs, steps, context = [noised(alpha_bar)] * 2, [t, t], [cond, uncond]
+            if t_second is not None:
+                inputs, steps, context = inputs + [noised(self.alphas_cumprod[t_second])], steps + [t_second], \
+                    context + [cond]
+            eps = self.unet(torch.cat(inputs), torch.cat(steps), torch.cat(context).to(self.device),
+                            camera=torch.cat([camera] * len(inputs)), num_frames=views).float().chunk(len(inputs))
+            eps_guided = eps[1] + guidance_scale * (eps[0] - eps[1])
+            return dmd_gradient(x, eps_guided, eps[-1] if t_second is not None else eps[0], alpha_bar, self.config.eps)
+
+
+class MVDreamTeacher(MultiViewTeacher):
     """MVDream (``sd-v2.1-base-4view``) as a teacher; see the module docstring for the loss.
 
     Args:
@@ -204,7 +270,7 @@ class MVDreamTeacher(Teacher):
         device, dtype: where the UNet and VAE run (float16 on CUDA); the text encoder stays as given.
     """
 
-    name = "mvdream"
+    name, label = "mvdream", "MVDream"
 
     def __init__(self, unet: MultiViewUNet, vae, text: PromptEncoder, config: MVDreamConfig = MVDreamConfig(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -227,12 +293,7 @@ class MVDreamTeacher(Teacher):
                         vae_config: LdmAutoencoderConfig = SD21_AUTOENCODER) -> "MVDreamTeacher":
         """Read ``sd-v2.1-base-4view.pt`` (a local file or folder, or a Hub id) strictly: the UNet and
         the VAE from it, the text encoder given (see the module docstring)."""
-        path = resolve_checkpoint(checkpoint, filename)
-        groups = LdmCheckpoint.split(read_checkpoint(path), str(path))
-        groups.check_schedule(ldm_alphas_cumprod(), str(path))
-        with torch.device("meta"):
-            unet = MultiViewUNet(unet_config)
-        load_strict(unet, groups.unet, f"{path}, model.diffusion_model.*")
+        unet, groups, path = read_multiview_unet(checkpoint, filename, unet_config)
         vae = load_autoencoder(groups.vae, vae_config, str(path))
         return cls(unet, vae, text, config, device, dtype)
 
@@ -265,23 +326,6 @@ class MVDreamTeacher(Teacher):
         sample = torch.randn(posterior.mean.shape, generator=generator).to(self.device, self.dtype)
         return ((posterior.mean + posterior.std * sample) * self.vae.config.scaling_factor).float()
 
-    def loss(self, renders, prompts, step, generator=None):
-        cfg, views = self.config, self.config.views
-        check_views(renders, prompts, views, "MVDream")
-        z = self.latents(renders, generator)
-        noise = torch.randn(z.shape, generator=generator).to(self.device)
-        low, high = timestep_bounds(step, cfg.min_step, cfg.min_step_until, cfg.max_step)
-        t = per_prompt(torch.randint(low, high, (len(prompts),), generator=generator), views).to(self.device)
-        alpha_bar = self.alphas_cumprod[t]
-        with torch.no_grad():
-            z_t = alpha_bar.sqrt().view(-1, 1, 1, 1) * z + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * noise
-            cond = per_prompt(self.text(prompts), views)
-            uncond = per_prompt(self.text([cfg.negative_prompt] * len(prompts)), views)
-            camera = normalize_camera(renders.cameras.c2w).to(self.device)
-            eps = self.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, uncond]).to(self.device),
-                            camera=torch.cat([camera, camera]), num_frames=views).float()
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps_guided = eps_uncond + self.guidance_scale(step) * (eps_cond - eps_uncond)
-            # t⁺ = t for MVDream in the published config (mv_plus_ratio 0): the second branch is ε_c
-            grad = dmd_gradient(z, eps_guided, eps_cond, alpha_bar, cfg.eps)
-        return cfg.weight * asd_loss(z, grad, views)
+    def camera(self, cameras) -> torch.Tensor:
+        # t⁺ = t for MVDream in the published config (mv_plus_ratio 0): the second branch is ε_c
+        return normalize_camera(cameras.c2w)

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import Cameras
-from .ldm_checkpoint import LdmCheckpoint, ldm_alphas_cumprod, load_strict, read_checkpoint, resolve_checkpoint
+from .ldm_checkpoint import ldm_alphas_cumprod, read_multiview_unet
 from .multiview_unet import RICHDREAMER_ND, MultiViewUNet, MultiViewUNetConfig, normalize_camera
-from .mvdream import (NEGATIVE_PROMPT, PromptEncoder, check_views, asd_loss, dmd_gradient, per_prompt,
-                      timestep_bounds)
-from .teachers import Renders, Teacher
+from .mvdream import NEGATIVE_PROMPT, MultiViewTeacher, PromptEncoder
+from .teachers import Renders
 
 ND_FILE = "nd_mv_ema.ckpt"
 SQRT3 = math.sqrt(3.0)
@@ -120,7 +119,7 @@ TINY_ND_UNET = MultiViewUNetConfig(model_channels=32, channel_mult=(1, 2), num_r
 TINY_RICHDREAMER = RichDreamerConfig(image_size=16)
 
 
-class RichDreamerTeacher(Teacher):
+class RichDreamerTeacher(MultiViewTeacher):
     """RichDreamer's normal-depth model (``nd-mv``) as a teacher; see the module docstring for the loss.
 
     Args:
@@ -130,7 +129,7 @@ class RichDreamerTeacher(Teacher):
         device, dtype: where the UNet runs (float16 on CUDA).
     """
 
-    name = "richdreamer"
+    name, label = "richdreamer", "RichDreamer"
 
     def __init__(self, unet: MultiViewUNet, text: PromptEncoder, config: RichDreamerConfig = RichDreamerConfig(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -150,12 +149,7 @@ class RichDreamerTeacher(Teacher):
                         config: RichDreamerConfig = RichDreamerConfig(),
                         unet_config: MultiViewUNetConfig = RICHDREAMER_ND) -> "RichDreamerTeacher":
         """Read ``nd_mv_ema.ckpt`` (a local file or folder, or a Hub id mirroring it) strictly."""
-        path = resolve_checkpoint(checkpoint, filename)
-        groups = LdmCheckpoint.split(read_checkpoint(path), str(path))
-        groups.check_schedule(ldm_alphas_cumprod(), str(path))
-        with torch.device("meta"):
-            unet = MultiViewUNet(unet_config)
-        load_strict(unet, groups.unet, f"{path}, model.diffusion_model.*")
+        unet, groups, path = read_multiview_unet(checkpoint, filename, unet_config)
         return cls(unet, text, config, device, dtype)
 
     @classmethod
@@ -178,27 +172,11 @@ class RichDreamerTeacher(Teacher):
         images = normal_depth_images(renders, self.config.normal_background)
         return F.adaptive_avg_pool2d(images, (size, size)).float().to(self.device)
 
-    def loss(self, renders, prompts, step, generator=None):
-        cfg, views = self.config, self.config.views
-        check_views(renders, prompts, views, "RichDreamer")
-        x = self.latents(renders, generator)
-        noise = torch.randn(x.shape, generator=generator).to(self.device)
-        low, high = timestep_bounds(step, cfg.min_step, cfg.min_step_until, cfg.max_step)
-        t = torch.randint(low, high, (len(prompts),), generator=generator)
-        t_second = t_plus(t, low, cfg.plus_ratio, torch.rand(len(prompts), generator=generator))
-        t, t_second = per_prompt(t, views).to(self.device), per_prompt(t_second, views).to(self.device)
-        alpha_bar, alpha_bar_second = self.alphas_cumprod[t], self.alphas_cumprod[t_second]
-        with torch.no_grad():
-            def noised(a):
-                return a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
-            cond = per_prompt(self.text(prompts), views)
-            uncond = per_prompt(self.text([cfg.negative_prompt] * len(prompts)), views)
-            camera = richdreamer_camera(renders.cameras, cfg.distance_scale, cfg.camera_z_rotation_degrees)
-            camera = camera.to(self.device)
-            eps = self.unet(torch.cat([noised(alpha_bar), noised(alpha_bar), noised(alpha_bar_second)]),
-                            torch.cat([t, t, t_second]), torch.cat([cond, uncond, cond]).to(self.device),
-                            camera=torch.cat([camera, camera, camera]), num_frames=views).float()
-            eps_cond, eps_uncond, eps_second = eps.chunk(3)
-            eps_guided = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
-            grad = dmd_gradient(x, eps_guided, eps_second, alpha_bar, cfg.eps)
-        return cfg.weight * asd_loss(x, grad, views)
+    def camera(self, cameras) -> torch.Tensor:
+        return richdreamer_camera(cameras, self.config.distance_scale, self.config.camera_z_rotation_degrees)
+
+    def guidance_scale(self, step: int) -> float:
+        return self.config.guidance_scale
+
+    def second_timestep(self, t, min_step, generator):
+        return t_plus(t, min_step, self.config.plus_ratio, torch.rand(len(t), generator=generator))
