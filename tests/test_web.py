@@ -23,6 +23,7 @@ import app as webapp
 from triplane_turbo import GenerationConfig, TriplaneTurboOutput
 from triplane_turbo.config import MAX_SEED
 from triplane_turbo.web import GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore
+from triplane_turbo.web import handlers as handlers_module
 from triplane_turbo.web import models, settings
 from triplane_turbo.web.settings import HISTORY_SIZE, InputError, Settings
 
@@ -484,3 +485,20 @@ def test_the_space_preloads_exactly_the_files_the_loader_fetches():
     assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in base), "a listed file the loader never reads"
     assert all(any(fnmatch.fnmatch(f, p) for f in base) for p in patterns), "a file the loader reads is not listed"
     assert set(hub.weight_files("fp16")) <= set(base)
+
+
+def test_the_gpu_backlog_is_read_from_gradios_queue(tmp_path):
+    """The validator's "busy" answer counts the requests waiting in Gradio's queue for the GPU group
+    (Gradio keeps them per concurrency id); checked against the installed Gradio's own classes."""
+    from gradio.queueing import EventQueue
+
+    loader = ModelLoader.loaded(StubPipe(sphere_output))
+    demo = webapp.build_demo(loader, tmp_path / "outputs", max_queue=3)
+    handlers = next(fn.fn.__self__ for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    assert handlers.gpu_backlog() == 0
+    waiting = EventQueue(handlers_module.GPU_GROUP, 1)
+    waiting.queue.extend(["event"] * 3)
+    demo._queue.event_queue_per_concurrency_id[handlers_module.GPU_GROUP] = waiting
+    assert handlers.gpu_backlog() == 3
+    busy = handlers.validate_generate("a chair", 5, False, 128)
+    assert not busy[0]["is_valid"] and "3 requests are waiting" in busy[0]["message"]
