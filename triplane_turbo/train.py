@@ -184,13 +184,18 @@ def main(argv=None) -> int:
     teacher_dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     config = train_config(args)
     trackers = "tensorboard" if _tensorboard_installed() else None
+    scratch = tempfile.TemporaryDirectory(prefix="triplane-turbo-train-") if args.tiny else None
+    try:
+        weights, spec = resolve_weights(args, scratch)  # before the process group (see batch.py)
+    except cli.loading_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     accelerator = Accelerator(cpu=use_cpu, log_with=trackers, kwargs_handlers=[ddp_kwargs(config)],
                               project_config=ProjectConfiguration(project_dir=str(args.output), logging_dir=str(
                                   args.output / "logs"), automatic_checkpoint_naming=True, total_limit=args.keep))
-    scratch = tempfile.TemporaryDirectory(prefix="triplane-turbo-train-") if args.tiny else None
     try:
-        pipe, base_dir = load_pipeline(args, scratch, device)
-        teachers = build_teachers(args.teacher_specs, base_dir=base_dir, device=device, dtype=teacher_dtype,
+        pipe = load_pipeline(args, weights, spec, device)
+        teachers = build_teachers(args.teacher_specs, base_dir=weights.base_dir, device=device, dtype=teacher_dtype,
                                   guidance=config.guidance, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                   sources=sources, tiny=args.tiny)
     except (*cli.loading_errors(), TeacherUnavailableError) as exc:
@@ -253,32 +258,37 @@ def main(argv=None) -> int:
     return 0
 
 
-def load_pipeline(args: argparse.Namespace, scratch, device):
-    """The float32 pipeline to train (unfused LoRA) and the SD base folder (the SD teacher's weights):
-    the published adapter, ``--adapter``, or with ``--from-scratch`` a freshly initialised one."""
-    import torch
-
-    from . import TriplaneTurboPipeline, WeightSources, hub
+def resolve_weights(args: argparse.Namespace, scratch):
+    """The weights on disk (downloaded if needed; ``--tiny``: written to ``scratch``) and the adapter's
+    hyper-parameters for ``--from-scratch``."""
+    from . import WeightSources, hub
     from .adapter import AdapterSpec
-    from .config import GenerationConfig
-    from .loading import components_from_resolved
-    from .training.init import PUBLISHED_SPEC, fresh_adapter_state_dict
+    from .training.init import PUBLISHED_SPEC
 
-    generation = GenerationConfig(latent_size=16) if args.tiny else GenerationConfig()
     if args.tiny:
         from .tiny import ADAPTER_RANKS, write_tiny_model
 
-        base_dir, adapter_file = write_tiny_model(scratch.name)  # before the process group: see batch.py
-        weights = hub.ResolvedWeights(base_dir, adapter_file, "tiny")
-        spec = AdapterSpec(out_channels=16, mlp_hidden=(16, 16), **ADAPTER_RANKS)
-    else:
-        sources = WeightSources.resolve(args.base_model, args.adapter)
-        if args.from_scratch:
-            base_dir, variant = hub.resolve_base_model(sources.base_model)
-            weights = hub.ResolvedWeights(base_dir, base_dir, "scratch", variant)
-        else:
-            weights = hub.resolve(sources.base_model, sources.adapter, sources.adapter_filename)
-        spec = PUBLISHED_SPEC
+        base_dir, adapter_file = write_tiny_model(scratch.name)
+        return hub.ResolvedWeights(base_dir, adapter_file, "tiny"), AdapterSpec(out_channels=16, mlp_hidden=(16, 16),
+                                                                                **ADAPTER_RANKS)
+    sources = WeightSources.resolve(args.base_model, args.adapter)
+    if args.from_scratch:  # the base model only
+        base_dir, variant = hub.resolve_base_model(sources.base_model)
+        return hub.ResolvedWeights(base_dir, base_dir, "scratch", variant), PUBLISHED_SPEC
+    return hub.resolve(sources.base_model, sources.adapter, sources.adapter_filename), PUBLISHED_SPEC
+
+
+def load_pipeline(args: argparse.Namespace, weights, spec, device):
+    """The float32 pipeline to train (unfused LoRA): the published adapter, ``--adapter``, or with
+    ``--from-scratch`` a freshly initialised one."""
+    import torch
+
+    from . import TriplaneTurboPipeline
+    from .config import GenerationConfig
+    from .loading import components_from_resolved
+    from .training.init import fresh_adapter_state_dict
+
+    generation = GenerationConfig(latent_size=16) if args.tiny else GenerationConfig()
     if args.from_scratch:
         parts = components_from_resolved(weights)
         fresh = fresh_adapter_state_dict(parts["unet"], parts["vae"], spec, args.seed)
@@ -289,7 +299,7 @@ def load_pipeline(args: argparse.Namespace, scratch, device):
         pipe = TriplaneTurboPipeline.from_resolved(weights, device=device, dtype=torch.float32, fuse_lora=False,
                                                    config=generation)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, weights.base_dir
+    return pipe
 
 
 def truncate_log(log: Path, iteration: int) -> None:
