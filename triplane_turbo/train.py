@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--teacher-weights", default=None, help="the teachers' loss weights, comma-separated (default 1 each)")
     teach.add_argument("--mvdream-weights", default=None, help="MVDream's weights: Hub id or local path")
     teach.add_argument("--richdreamer-weights", default=None,
-                       help="RichDreamer's normal-depth weights (nd_mv_ema.ckpt): local path or Hub id")
+                       help="RichDreamer's normal-depth weights (nd_mv_ema.ckpt, published on ModelScope): local path "
+                            "or Hub id")
+    teach.add_argument("--richdreamer-text-encoder", default=None,
+                       help="SD 1.5 (Hub id or folder) whose CLIP-L text encoder RichDreamer reads "
+                            "(default sd-legacy/stable-diffusion-v1-5)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=2e-4, help="the adapter's learning rate (Adan, as the authors)")
     optim.add_argument("--background-lr", type=float, default=2e-4, help="the learned background's learning rate")
@@ -158,7 +162,8 @@ def main(argv=None) -> int:
     from .training.prompts import read_prompts
     from .training.recipes import TeacherUnavailableError, teacher_sources
 
-    sources = {"mvdream": args.mvdream_weights, "richdreamer": args.richdreamer_weights}
+    sources = {"mvdream": args.mvdream_weights, "richdreamer": args.richdreamer_weights,
+               "richdreamer-text": args.richdreamer_text_encoder}
     try:
         teacher_sources(args.teacher_specs, sources, args.tiny)  # every teacher's module and weights named
         prompts = read_prompts(args.prompts)

@@ -23,3 +23,11 @@ __all__ = ["Adan", "BackgroundConfig", "CameraConfig", "Cameras", "FixedImageTea
            "PRDModel", "PRDTrainer", "RECIPES", "Renders", "StableDiffusionTeacher", "Teacher", "TeacherSpec",
            "TeacherUnavailableError", "TrainConfig", "VolumeConfig", "VolumeRender", "build_teachers",
            "latest_checkpoint", "sample_cameras"]
+
+# Stage 2's multi-view teachers (MVDream, RichDreamer's normal-depth model) and their UNet.
+from .multiview_unet import MultiViewUNet, MultiViewUNetConfig  # noqa: E402
+from .mvdream import MVDreamConfig, MVDreamTeacher, PromptEncoder  # noqa: E402
+from .richdreamer import RichDreamerConfig, RichDreamerTeacher  # noqa: E402
+
+__all__ += ["MVDreamConfig", "MVDreamTeacher", "MultiViewUNet", "MultiViewUNetConfig", "PromptEncoder",
+            "RichDreamerConfig", "RichDreamerTeacher"]

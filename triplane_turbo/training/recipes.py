@@ -9,16 +9,11 @@ Recipes (the authors' code, theEricMa/TriplaneTurbo @bc047f3):
   ``guidance.rd_weight=0 guidance.sd_weight=0``: MVDream alone;
 * ``sd``: Stable Diffusion 2.1 alone (this project's stage 1; not a recipe of the authors).
 
-Teachers: ``sd`` is ``StableDiffusionTeacher`` (teachers.py). ``mvdream`` and ``richdreamer`` live in
-``triplane_turbo.training.mvdream`` / ``.richdreamer``, imported only when a run asks for them. Such a
-module provides a ``Teacher`` subclass (``MVDreamTeacher`` / ``RichDreamerTeacher``) with
-
-* ``DEFAULT_SOURCE``: a Hub id or None (the weights must then be named on the command line);
-* ``__init__(source, *, device, dtype, text_encoder=None, tokenizer=None)``: ``source`` a Hub id or a
-  local path; ``text_encoder``/``tokenizer`` the already-loaded SD 2.1 ones (frozen, float32), to be
-  shared where the teacher uses the same encoder (MVDream does; RichDreamer's is SD 1.5's);
-* ``tiny(*, device, dtype, text_encoder=None, tokenizer=None, seed=0)``: a tiny random teacher of
-  the same kind, offline (``--tiny``).
+Teachers: ``sd`` is ``StableDiffusionTeacher`` (teachers.py); ``mvdream`` and ``richdreamer`` are
+``MVDreamTeacher`` / ``RichDreamerTeacher`` from ``triplane_turbo.training.mvdream`` / ``.richdreamer``,
+imported only when a run asks for them. MVDream shares the pipeline's SD 2.1 text encoder (the same
+frozen weights); RichDreamer reads SD 1.5's CLIP-L (``sd-legacy/stable-diffusion-v1-5`` by default,
+the repository the authors' ``scripts/prepare/download_full.py`` fetches).
 """
 
 from __future__ import annotations
@@ -67,6 +62,8 @@ TEACHER_MODULES: dict[str, tuple[str, str]] = {
     "richdreamer": ("triplane_turbo.training.richdreamer", "RichDreamerTeacher"),
 }
 TEACHER_NAMES = ("sd", *TEACHER_MODULES)
+#: RichDreamer's text encoder: SD 1.5's CLIP-L (Hub id or local diffusers folder).
+SD15_TEXT = "sd-legacy/stable-diffusion-v1-5"
 
 
 def teacher_class(name: str) -> type[Teacher]:
@@ -135,11 +132,12 @@ def teacher_sources(specs: tuple[TeacherSpec, ...], sources: dict[str, str | Non
     sources = sources or {}
     resolved: dict[str, str | None] = {}
     for spec in specs:
-        cls = teacher_class(spec.name)
+        teacher_class(spec.name)
         if spec.name == "sd" or tiny:
             resolved[spec.name] = None
             continue
-        source = sources.get(spec.name) or getattr(cls, "DEFAULT_SOURCE", None)
+        default = importlib.import_module(TEACHER_MODULES["mvdream"][0]).MVDREAM_REPO if spec.name == "mvdream" else None
+        source = sources.get(spec.name) or default
         if source is None:
             raise TeacherUnavailableError(f"the {spec.name} teacher's weights are not published on the Hub: "
                                           f"name a local copy with --{spec.name}-weights PATH")
@@ -164,13 +162,23 @@ def build_teachers(specs: tuple[TeacherSpec, ...], *, base_dir: str | Path, devi
     teachers: list[Teacher] = []
     for spec in specs:
         cls = teacher_class(spec.name)
-        shared = dict(text_encoder=text_encoder, tokenizer=tokenizer)
         if spec.name == "sd":
-            teacher = StableDiffusionTeacher(base_dir, device, dtype, guidance, **shared)
-        elif tiny:
-            teacher = cls.tiny(device=device, dtype=dtype, **shared)
-        else:
-            teacher = cls(resolved[spec.name], device=device, dtype=dtype, **shared)
+            teacher = StableDiffusionTeacher(base_dir, device, dtype, guidance, text_encoder=text_encoder,
+                                             tokenizer=tokenizer)
+        elif spec.name == "mvdream":
+            from .mvdream import PromptEncoder
+
+            text = PromptEncoder(tokenizer, text_encoder)  # SD 2.1's, shared
+            teacher = cls.tiny(text, device, dtype) if tiny else \
+                cls.from_pretrained(text, resolved[spec.name], device=device, dtype=dtype)
+        else:  # richdreamer: SD 1.5's text encoder, its own
+            from .mvdream import PromptEncoder
+
+            if tiny:
+                teacher = cls.tiny(device=device, dtype=dtype)
+            else:
+                text = PromptEncoder.from_pretrained((sources or {}).get("richdreamer-text") or SD15_TEXT, device, dtype)
+                teacher = cls.from_pretrained(text, resolved[spec.name], device=device, dtype=dtype)
         teachers.append(WeightedTeacher(teacher, spec.weight))
     return teachers
 
