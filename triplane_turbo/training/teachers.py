@@ -35,14 +35,15 @@ class Renders:
         renderer: "mesh" or "volume".
         normal: [N, 3, H, W] world-space unit surface normals (outward) times the opacity.
         depth: [N, 1, H, W] distance from the camera along the pixel's ray times the opacity.
+            (Both renderers fill ``normal`` and ``depth``; None only in renders made by hand.)
     """
 
     rgb: torch.Tensor
     opacity: torch.Tensor
     cameras: Cameras
     renderer: str
-    normal: torch.Tensor
-    depth: torch.Tensor
+    normal: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
 
     def camera_rotation(self) -> torch.Tensor:
         """[N, 3, 3] world -> camera rotations (OpenGL camera axes: x right, y up, z backwards)."""
