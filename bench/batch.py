@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--texture", choices=("vertex", "uv"), nargs="+", default=["vertex", "uv"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
+                        help="baking threads to measure with UV textures (0: baking in line)")
+    parser.add_argument("--texture-size", type=int, default=1024)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--record", type=Path, metavar="BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -58,17 +61,19 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     lines = [PromptLine(i + 1, PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
     rows = []
-    for texture in args.texture:
-        settings = BatchSettings(mesh_resolution=args.resolution, texture=texture, texture_size=1024)
+    runs = [(texture, workers) for texture in args.texture
+            for workers in (args.workers if texture == "uv" else [0])]
+    for texture, workers in runs:
+        settings = BatchSettings(mesh_resolution=args.resolution, texture=texture, texture_size=args.texture_size)
         for size in args.sizes:
             with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
-                run_batch(pipe, lines[:size], Path(tmp), settings, batch_size=size)  # warm-up
+                run_batch(pipe, lines[:size], Path(tmp), settings, batch_size=size, workers=workers)  # warm-up
             with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
                 start = time.perf_counter()
-                stats = run_batch(pipe, lines, Path(tmp), settings, batch_size=size, base_seed=1000)
+                stats = run_batch(pipe, lines, Path(tmp), settings, batch_size=size, base_seed=1000, workers=workers)
                 seconds = time.perf_counter() - start
-            row = dict(texture=texture, batch_size=size, prompts=len(lines), ok=stats.ok, seconds=seconds,
-                       meshes_per_second=stats.ok / seconds)
+            row = dict(texture=texture, texture_size=args.texture_size, workers=workers, batch_size=size,
+                       prompts=len(lines), ok=stats.ok, seconds=seconds, meshes_per_second=stats.ok / seconds)
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
@@ -82,9 +87,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _texture(row: dict) -> str:
+    if row["texture"] != "uv":
+        return row["texture"]
+    workers = row.get("workers", 0)
+    return f"uv {row.get('texture_size', 1024)}², " + (f"{workers} baking thread{'s' * (workers > 1)}" if workers
+                                                        else "baked in line")
+
+
 def record(path: Path, result: dict) -> None:
     rows = [[result["date"][:10], result["commit"] or "–", result["machine"], f"{result['device']}, {result['dtype']}",
-             result["model"], str(row["prompts"]), str(result["resolution"]), row["texture"], str(row["batch_size"]),
+             result["model"], str(row["prompts"]), str(result["resolution"]), _texture(row), str(row["batch_size"]),
              f"{row['meshes_per_second']:.2f}", f"{1 / row['meshes_per_second']:.2f}"] for row in result["rows"]]
     add_rows(path, SECTION, "Measured by `bench/batch.py`.", TABLE, rows)
 

@@ -30,12 +30,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
-    """The tiny pipeline, loaded through the real from_pretrained (16x16 latents: fast on CPU)."""
+    """The tiny pipeline, loaded through the real from_pretrained (16x16 latents: fast on CPU; 256²
+    textures unless a test asks for another size)."""
     from triplane_turbo import GenerationConfig, TriplaneTurboPipeline
 
     base_dir, adapter_file = tiny_model_dir
     pipe = TriplaneTurboPipeline.from_pretrained(str(base_dir), str(adapter_file),
-                                                 config=GenerationConfig(latent_size=16))
+                                                 config=GenerationConfig(latent_size=16, texture_size=256))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,8 +115,10 @@ def app_server(tmp_path_factory):
         yield server
 
 
-def slow_app(tmp_path_factory, name: str, fail: str = ""):
-    """`python app.py --tiny` whose model takes SLOW_LOAD_SECONDS to load (then fails, if ``fail``):
-    handed out the moment the page answers, while the model is still loading."""
+def slow_app(tmp_path_factory, name: str, fail: str = "", load_seconds: float = SLOW_LOAD_SECONDS,
+             bake_seconds: float = 0.0):
+    """`python app.py --tiny` whose model takes ``load_seconds`` to load (then fails, if ``fail``) and
+    whose texture bakes take ``bake_seconds`` longer: handed out the moment the page answers."""
     return running_app(tmp_path_factory.mktemp(name), [str(TESTS / "slow_app.py")], ("Running on local URL",),
-                       {"SLOW_APP_SECONDS": str(SLOW_LOAD_SECONDS), "SLOW_APP_FAIL": fail})
+                       {"SLOW_APP_SECONDS": str(load_seconds), "SLOW_APP_FAIL": fail,
+                        "SLOW_APP_BAKE_SECONDS": str(bake_seconds)})

@@ -7,9 +7,12 @@ right place of BENCHMARKS.md.
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # each runs the harness in a fresh process
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "pipeline.py"
@@ -33,19 +36,27 @@ def test_help_explains_the_interface():
 def small_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     result = tmp / "small.json"
+    started = time.perf_counter()
     out = run_bench("--small", "--runs", "1", "--warmup", "0", "--resolution", "48", "--json", str(result), cwd=tmp)
+    wall = time.perf_counter() - started
     assert out.returncode == 0, out.stderr[-3000:]
     assert list(tmp.iterdir()) == [result]  # nothing else written
-    return json.loads(result.read_text()), result, out.stdout
+    return json.loads(result.read_text()), result, out.stdout, wall
 
 
 def test_small_run_reports_the_figures(small_run):
-    result, _, stdout = small_run
+    result, _, stdout, wall = small_run
     assert result["valid"] and result["device"] == "cpu" and result["resolution"] == 48
     assert result["median_s"] > 0 and result["baseline_median_s"] > 0
     assert result["speedup"] == pytest.approx(result["baseline_median_s"] / result["median_s"])
     assert set(result["stages"]) >= {"text", "denoise", "decode", "fields", "isosurface", "color", "export"}
-    assert sum(result["stages"].values()) == pytest.approx(result["median_s"], rel=1e-6)  # one run: exact split
+    # The stages are measured, not derived: checked against the clocks around them. The generation
+    # took less than the whole process did (timed from outside), and the named stages account for
+    # nearly all of the generation ("other", the untimed rest, is small; a stage left out or timed
+    # twice would show here).
+    named = sum(v for k, v in result["stages"].items() if k != "other")
+    assert 0 < result["median_s"] < wall and result["baseline_median_s"] < wall
+    assert 0.9 * result["median_s"] <= named <= result["median_s"] * 1.001
     assert result["peak_rss_mb"] > 100 and result["mesh"]["faces"] > 0
     # same weights, same computation up to kernel rounding
     assert result["field_error"]["triplane_rel_max_abs"] < 1e-4
@@ -54,7 +65,7 @@ def test_small_run_reports_the_figures(small_run):
 
 
 def test_record_adds_the_row_inside_the_runs_table(small_run, tmp_path):
-    _, result_json, _ = small_run
+    _, result_json, _, _ = small_run
     benchmarks = tmp_path / "BENCHMARKS.md"
     out = run_bench("--from-json", str(result_json), "--record", str(benchmarks), "--note", "first")
     assert out.returncode == 0, out.stderr
@@ -74,7 +85,7 @@ def test_record_adds_the_row_inside_the_runs_table(small_run, tmp_path):
 
 
 def test_invalid_results_are_not_recorded(small_run, tmp_path):
-    result, _, _ = small_run
+    result, _, _, _ = small_run
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(dict(result, valid=False)))
     benchmarks = tmp_path / "BENCHMARKS.md"

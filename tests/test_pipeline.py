@@ -29,7 +29,8 @@ def test_prompt_to_coloured_closed_mesh(tiny_pipe):
                                                                     "texture"]
     assert set(out.timings) == {"text", "denoise", "decode", "fields", "isosurface", "color", "texture"}
     (texture,) = out.textures  # a UV texture by default
-    assert texture.base_color.shape == (1024, 1024, 3) and texture.normal is None  # no normal map unless simplified
+    size = tiny_pipe.config.texture_size
+    assert texture.base_color.shape == (size, size, 3) and texture.normal is None  # no normal map unless simplified
     assert np.array_equal(texture.vmapping[texture.faces], mesh.faces)
 
 
@@ -289,3 +290,17 @@ def test_building_the_tiny_model_leaves_the_global_random_state_alone(tmp_path):
     write_tiny_model(tmp_path / "b")
     assert (tmp_path / "a/base/unet/diffusion_pytorch_model.safetensors").read_bytes() == \
         (tmp_path / "b/base/unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_meshing_runs_where_float64_exists(tiny_pipe, monkeypatch):
+    """Apple's MPS has no float64, which marching cubes and baking use: there the networks run in
+    float16 on the GPU and the heads (meshing, baking) on the CPU; elsewhere on the same device."""
+    from triplane_turbo import devices, pipeline
+
+    assert devices.default_dtype("mps") is torch.float16
+    assert not devices.supports_float64("mps") and devices.meshing_device("mps") == torch.device("cpu")
+    assert devices.meshing_device("cuda:1") == torch.device("cuda:1") and devices.supports_float64("cpu")
+    asked = []
+    monkeypatch.setattr(pipeline, "meshing_device", lambda device: asked.append(device) or torch.device("cpu"))
+    tiny_pipe.to("cpu")
+    assert asked == ["cpu"] and tiny_pipe.mesher.device == torch.device("cpu")

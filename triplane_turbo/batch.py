@@ -4,184 +4,34 @@ process or many through accelerate.
     python -m triplane_turbo.batch prompts.txt --out meshes/
     accelerate launch --num_processes 4 --multi_gpu -m triplane_turbo.batch prompts.txt --out meshes/
 
-* One mesh per non-blank line, named ``<line>-<hash>.<format>`` (the hash covers prompt, seed and
-  settings; the prompt never becomes a file name). Line n uses seed ``S + n − 1``, so a line's result
-  does not depend on batching or on how the file is split.
-* Each process appends one JSON record per line it processed to ``manifest.rank<r>.jsonl`` (a single
-  ``write`` of a whole line, flushed to disk): processes never share a file, and a kill loses at most
-  the line being written, which the next run repairs. When every process is done, the main process
-  merges them into ``manifest.jsonl``, sorted by line.
+* One mesh per non-blank line, named after its line and a hash, with one record per line in a
+  manifest kept per process and merged at the end (``manifest.py``).
 * The same command again skips lines that have an ``ok`` record whose file exists, and does the rest
   (split afresh across however many processes run it).
 * Bad lines never stop the batch: blank lines are skipped, control characters removed, lines over
   1,000 characters get an error record; a CUDA out-of-memory error halves the batch and retries.
+* With UV textures, ``--workers`` threads bake and write one batch while the networks make the next.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
 from .config import MAX_SEED
 from .export import FORMATS
-from .inputs import MAX_PROMPT_CHARS, clean_text
+from .manifest import (BatchSettings, PromptLine, RankManifest, line_seed, make_record,  # noqa: F401
+                       merge_manifest, output_name, pending_lines, read_prompts, read_records)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.jsonl"
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """What decides every mesh of a batch besides its prompt and seed."""
-
-    mesh_resolution: int = 160
-    file_format: str = "glb"
-    texture: str = "uv"
-    texture_size: int = 1024
-    target_faces: int | None = None
-
-
-@dataclass
-class PromptLine:
-    """One non-blank line of the prompt file: its 1-based number, the cleaned prompt, and why it
-    cannot be generated (None if it can)."""
-
-    line: int
-    prompt: str
-    error: str | None = None
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
-    """The prompt file's non-blank lines (UTF-8; undecodable bytes are replaced)."""
-    lines = []
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        prompt, _ = clean_text(raw)
-        if len(raw) > MAX_PROMPT_CHARS:
-            lines.append(PromptLine(number, prompt[:80] + "…", f"the line is {len(raw)} characters long; the limit "
-                                                                 f"is {MAX_PROMPT_CHARS}"))
-        elif not prompt:
-            lines.append(PromptLine(number, "", "the line holds only control characters"))
-        else:
-            lines.append(PromptLine(number, prompt))
-    return lines
-
-
-def line_seed(base_seed: int, line: int) -> int:
-    return (base_seed + line - 1) % (MAX_SEED + 1)
-
-
-def output_name(line: int, prompt: str, seed: int, settings: BatchSettings) -> str:
-    """``000042-<10 hex>.<format>``: the line number, and a hash of what made the mesh."""
-    digest = hashlib.sha256(json.dumps([prompt, seed, asdict(settings)], sort_keys=True).encode()).hexdigest()[:10]
-    return f"{line:06d}-{digest}.{settings.file_format}"
-
-
-# -------------------------------------------------------------------------------------------------
-# The manifest
-# -------------------------------------------------------------------------------------------------
-
-class RankManifest:
-    """The records one process appends (``manifest.rank<r>.jsonl``)."""
-
-    def __init__(self, out_dir: Path, rank: int):
-        self.path = out_dir / f"manifest.rank{rank}.jsonl"
-        self.repair()
-
-    def repair(self) -> None:
-        """Drops a torn last line (a kill in the middle of a write)."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else len(data)
-        lines = data[:keep].split(b"\n")
-        if keep != len(data) or any(line and not _valid_json(line) for line in lines):
-            good = b"".join(line + b"\n" for line in lines if line and _valid_json(line))
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_bytes(good)
-            os.replace(tmp, self.path)
-            logger.warning("%s: dropped %d bytes of a record cut short", self.path.name, len(data) - len(good))
-
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one write of a whole line: appended atomically
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _valid_json(line: bytes) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except ValueError:
-        return False
-
-
-def read_records(out_dir: Path, settings: BatchSettings | None = None) -> dict[int, dict]:
-    """The record that counts for every line, from the merged manifest and every process's file.
-
-    An ``ok`` record made with ``settings`` beats any other ``ok`` record, which beats an error;
-    among equals the later one wins (the merged manifest is read first, then the process files).
-    """
-    wanted = asdict(settings) if settings is not None else None
-
-    def rank(record: dict) -> int:
-        ok = record.get("status") == "ok"
-        return 2 * ok + (ok and wanted is not None and record.get("settings") == wanted)
-
-    records: dict[int, dict] = {}
-    for path in [out_dir / MANIFEST] + sorted(out_dir.glob("manifest.rank*.jsonl")):
-        if not path.exists():
-            continue
-        for raw in path.read_bytes().split(b"\n"):
-            if not raw.strip() or not _valid_json(raw):
-                continue
-            record = json.loads(raw)
-            old = records.get(record.get("line"))
-            if old is None or rank(record) >= rank(old):
-                records[record["line"]] = record
-    return records
-
-
-def merge_manifest(out_dir: Path, settings: BatchSettings | None = None) -> Path:
-    """``manifest.jsonl``: one record per processed line, sorted by line (written atomically)."""
-    records = read_records(out_dir, settings)
-    path = out_dir / MANIFEST
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text("".join(json.dumps(records[line], ensure_ascii=False) + "\n" for line in sorted(records)),
-                   encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def pending_lines(lines: list[PromptLine], out_dir: Path, base_seed: int, settings: BatchSettings) -> list[PromptLine]:
-    """Lines without an ``ok`` record for these settings whose file exists."""
-    records = read_records(out_dir, settings)
-    todo = []
-    for item in lines:
-        record = records.get(item.line)
-        expected = output_name(item.line, item.prompt, line_seed(base_seed, item.line), settings)
-        if record and record.get("status") == "ok" and record.get("file") == expected \
-                and (out_dir / expected).is_file():
-            continue
-        todo.append(item)
-    return todo
-
 
 # -------------------------------------------------------------------------------------------------
 # Generating
@@ -199,85 +49,130 @@ class BatchStats:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
+class _Finisher:
+    """Writes each generated mesh (texture bake, export, record): in line, or on ``workers`` threads
+    while the networks make the next batch. Torch, xatlas and the encoders release the GIL for their
+    heavy parts, so threads overlap the CPU part of one batch with the (GPU) networks of the next;
+    at most ``2 · workers`` meshes wait, which bounds the memory they hold."""
+
+    def __init__(self, pipe, out_dir: Path, settings: BatchSettings, manifest: RankManifest, stats: BatchStats,
+                 base_seed: int, rank: int, workers: int, progress):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pipe, self.out_dir, self.settings, self.manifest = pipe, out_dir, settings, manifest
+        self.stats, self.base_seed, self.rank, self.progress = stats, base_seed, rank, progress
+        self.deferred = workers > 0 and settings.texture == "uv"  # baking is what threads take over
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="batch-finish") if workers > 0 else None
+        self.pending: list = []
+        self.workers = workers
+        self._lock = threading.Lock()
+
+    def record(self, item: PromptLine, **fields) -> None:
+        with self._lock:
+            self.manifest.append(make_record(item, self.base_seed, self.settings, self.rank, **fields))
+            if fields.get("error") is None:
+                self.stats.ok += 1
+            else:
+                self.stats.errors += 1
+            if self.progress:
+                self.progress(1)
+
+    def submit(self, item: PromptLine, seed: int, mesh, texture, triplane, seconds: float) -> None:
+        """One result of the networks: ``texture`` when the pipeline baked it, else ``triplane``
+        [1, 6, C, H, W] to bake it from."""
+        if len(mesh.faces) == 0:
+            self.record(item, error="no surface for this prompt and seed")
+            return
+        if self.pool is None:
+            self.finish(item, seed, mesh, texture, None, seconds)
+            return
+        while len(self.pending) >= 2 * self.workers:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self.finish, item, seed, mesh, texture,
+                                             triplane if self.deferred else None, seconds))
+
+    def finish(self, item: PromptLine, seed: int, mesh, texture, triplane, seconds: float) -> None:
+        from .export import export_mesh
+
+        began = time.perf_counter()
+        try:
+            if triplane is not None:
+                (texture,) = self.pipe.mesher.bake_textures(triplane, [mesh], self.settings.texture_size,
+                                                            normal_map=bool(self.settings.target_faces))
+            name = output_name(item.line, item.prompt, seed, self.settings)
+            export_mesh(mesh, self.out_dir / name, self.settings.file_format, texture=texture)
+        except Exception as exc:  # noqa: BLE001 - one bad mesh must not stop the run
+            logger.warning("line %d: %s: %s", item.line, type(exc).__name__, exc)
+            self.record(item, error=f"{type(exc).__name__}: {exc}")
+            return
+        self.record(item, file=name, seconds=seconds + time.perf_counter() - began, vertices=len(mesh.vertices),
+                    faces=len(mesh.faces), revision=self.pipe.revision)
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.result()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSettings, *, base_seed: int = 0,
-              batch_size: int = 1, rank: int = 0, progress=None) -> BatchStats:
+              batch_size: int = 1, rank: int = 0, progress=None, workers: int = 0) -> BatchStats:
     """Generate ``lines`` in batches of ``batch_size`` prompts, writing meshes and records.
 
     Args:
         pipe: a ``TriplaneTurboPipeline``.
         lines: this process's share of the prompt file.
         out_dir: the output folder (must exist).
-        progress: called with the number of lines finished after each batch.
+        progress: called with the number of lines finished, as they finish.
+        workers: threads that bake and export while the networks make the next batch (0: in line).
     """
-    from .export import export_mesh
-
     manifest = RankManifest(out_dir, rank)
     stats = BatchStats()
     start = time.perf_counter()
-    queue = list(lines)
-    for item in [i for i in queue if i.error]:
-        manifest.append(_record(item, base_seed, settings, rank, error=item.error))
-        stats.errors += 1
-        if progress:
-            progress(1)
-    queue = [i for i in queue if not i.error]
+    finisher = _Finisher(pipe, out_dir, settings, manifest, stats, base_seed, rank, workers, progress)
+    for item in [i for i in lines if i.error]:
+        finisher.record(item, error=item.error)
+    queue = [i for i in lines if not i.error]
     size = max(1, batch_size)
     singles = 0  # lines of a failed batch, retried one at a time to find the one that fails
-    while queue:
-        take = 1 if singles else size
-        chunk, seeds = queue[:take], [line_seed(base_seed, i.line) for i in queue[:take]]
-        began = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # truncation and empty-surface warnings become records
-                out = pipe([i.prompt for i in chunk], seed=seeds, mesh_resolution=settings.mesh_resolution,
-                           texture=settings.texture, texture_size=settings.texture_size,
-                           target_faces=settings.target_faces)
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
-            import torch
+    try:
+        while queue:
+            take = 1 if singles else size
+            chunk, seeds = queue[:take], [line_seed(base_seed, i.line) for i in queue[:take]]
+            began = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # truncation and empty-surface warnings become records
+                    out = pipe([i.prompt for i in chunk], seed=seeds, mesh_resolution=settings.mesh_resolution,
+                               texture="vertex" if finisher.deferred else settings.texture,
+                               texture_size=settings.texture_size, target_faces=settings.target_faces)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
+                import torch
 
-            if isinstance(exc, torch.cuda.OutOfMemoryError) and take > 1:
-                torch.cuda.empty_cache()
-                size = max(1, take // 2)
-                logger.warning("CUDA ran out of memory with %d prompts per batch; retrying with %d", take, size)
-            elif take > 1:
-                logger.warning("a batch of %d failed (%s: %s); retrying its lines one by one", take,
-                               type(exc).__name__, exc)
-                singles = take
-            else:
-                manifest.append(_record(chunk[0], base_seed, settings, rank, error=f"{type(exc).__name__}: {exc}"))
-                stats.errors += 1
-                queue, singles = queue[1:], max(0, singles - 1)
-                if progress:
-                    progress(1)
-            continue
-        singles = max(0, singles - len(chunk))
-        seconds = (time.perf_counter() - began) / len(chunk)
-        for item, seed, mesh, texture in zip(chunk, seeds, out.meshes, out.textures):
-            name = output_name(item.line, item.prompt, seed, settings)
-            if len(mesh.faces) == 0:
-                manifest.append(_record(item, base_seed, settings, rank, error="no surface for this prompt and seed"))
-                stats.errors += 1
+                if isinstance(exc, torch.cuda.OutOfMemoryError) and take > 1:
+                    torch.cuda.empty_cache()
+                    size = max(1, take // 2)
+                    logger.warning("CUDA ran out of memory with %d prompts per batch; retrying with %d", take, size)
+                elif take > 1:
+                    logger.warning("a batch of %d failed (%s: %s); retrying its lines one by one", take,
+                                   type(exc).__name__, exc)
+                    singles = take
+                else:
+                    finisher.record(chunk[0], error=f"{type(exc).__name__}: {exc}")
+                    queue, singles = queue[1:], max(0, singles - 1)
                 continue
-            export_mesh(mesh, out_dir / name, settings.file_format, texture=texture)
-            manifest.append(_record(item, base_seed, settings, rank, file=name, seconds=seconds,
-                                    vertices=len(mesh.vertices), faces=len(mesh.faces), revision=pipe.revision))
-            stats.ok += 1
-        stats.batch_sizes.append(len(chunk))
-        queue = queue[len(chunk):]
-        if progress:
-            progress(len(chunk))
+            singles = max(0, singles - len(chunk))
+            seconds = (time.perf_counter() - began) / len(chunk)
+            textures = out.textures or [None] * len(chunk)
+            for j, (item, seed, mesh) in enumerate(zip(chunk, seeds, out.meshes)):
+                finisher.submit(item, seed, mesh, textures[j], out.triplane[j:j + 1] if finisher.deferred else None,
+                                seconds)
+            stats.batch_sizes.append(len(chunk))
+            queue = queue[len(chunk):]
+    finally:
+        finisher.close()
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-def _record(item: PromptLine, base_seed: int, settings: BatchSettings, rank: int, *, file: str | None = None,
-            error: str | None = None, seconds: float | None = None, **extra) -> dict:
-    seed = line_seed(base_seed, item.line)
-    return {"line": item.line, "prompt": item.prompt, "seed": seed,
-            "file": file if error is None else None, "status": "ok" if error is None else "error", "error": error,
-            "rank": rank, "seconds": None if seconds is None else round(seconds, 4),
-            "settings": asdict(settings), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -294,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; only it is written to)")
     parser.add_argument("--seed", type=int, default=0, help="line n uses seed SEED + n - 1 (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads that bake textures and write files while the networks make the next batch "
+                             "(default: the CPU cores beyond one, at most 4; 0: in line)")
     parser.add_argument("--format", choices=FORMATS, default="glb", help="file format (default glb)")
     cli.add_mesh_options(parser)
     cli.add_model_options(parser)
@@ -306,6 +204,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.workers is None:
+        args.workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be between 0 and {MAX_SEED}")
     return args
@@ -351,7 +253,8 @@ def main(argv=None) -> int:
 
         bar = tqdm(total=len(todo), desc="meshes", unit="line", disable=args.quiet or not state.is_main_process)
         stats = run_batch(pipe, list(mine), args.out, settings, base_seed=args.seed, batch_size=args.batch_size,
-                          rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes))
+                          rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes),
+                          workers=args.workers)
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:

@@ -1,14 +1,19 @@
-"""Command line for PRD training, stage 1: ``python -m triplane_turbo.train --prompts FILE --steps N --output DIR``.
+"""Command line for PRD training: ``python -m triplane_turbo.train --prompts SOURCE --steps N --output DIR``.
 
     python -m triplane_turbo.train --prompts furniture.txt --steps 3000 --output runs/furniture
-    accelerate launch --multi_gpu --num_processes 8 -m triplane_turbo.train --prompts p.txt --steps 15000 --output runs/a
-    python -m triplane_turbo.train --tiny --prompts p.txt --steps 3 --output /tmp/run   # CPU smoke test
+    accelerate launch --multi_gpu --num_processes 8 -m triplane_turbo.train --prompts ZhiyuanthePony/TriplaneTrubo \\
+        --from-scratch --steps 15000 --output runs/a
+    python -m triplane_turbo.train --tiny --recipe sd --prompts p.txt --steps 3 --output /tmp/run   # CPU smoke test
 
-Starts from the published adapter (or ``--adapter``), teaches it with Stable Diffusion 2.1 (the base
-model, a frozen copy) and writes, under DIR: ``step-<n>/adapter.pth`` (the published key layout, so
-``TriplaneTurboPipeline.from_pretrained(base, "DIR/adapter.pth")`` loads it) with the optimiser state
-beside it, ``adapter.pth`` (the latest), ``log.jsonl`` (losses per step) and ``previews/step-<n>.png``.
-The same command again continues from the newest ``step-<n>``.
+Fine-tunes the published adapter (or ``--adapter``; ``--from-scratch``: a freshly initialised one, as
+the authors train) with the teachers of ``--recipe`` (default ``authors-v1``: MVDream + RichDreamer's
+normal-depth model + SD 2.1, weight 1 each) or ``--teachers``/``--teacher-weights``, and writes,
+under DIR: ``checkpoints/checkpoint_<n>/`` (accelerate's ``save_state``: optimiser, RNG states, the
+trained tensors and ``adapter.pth`` in the published layout; the newest ``--keep`` are kept),
+``adapter.pth`` (the latest: ``TriplaneTurboPipeline.from_pretrained(base, "DIR/adapter.pth")`` loads
+it), ``log.jsonl`` (every loss of every iteration), ``previews/step-<n>.png`` and, with TensorBoard
+installed, ``logs/`` (loss curves and previews). The same command again continues from the newest
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -27,23 +32,69 @@ from . import cli
 
 logger = logging.getLogger(__name__)
 
+#: Optimiser steps of the authors' full run (``trainer.max_steps`` in configs/TriplaneTurbo_v1.yaml):
+#: where the schedules of a fine-tuning run of the published adapter start by default.
+AUTHORS_RUN_STEPS = 15_000
+#: Optimiser steps of learning-rate warm-up when fine-tuning (the optimiser state starts empty).
+FINE_TUNE_WARMUP = 100
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.recipes import DEFAULT_RECIPE, RECIPES, TEACHER_NAMES
+
     parser = argparse.ArgumentParser(prog="python -m triplane_turbo.train",
-                                     description="Fine-tune the TriplaneTurbo adapter on your prompts with PRD "
-                                                 "(stage 1: Stable Diffusion 2.1 as the teacher).")
-    parser.add_argument("--prompts", type=Path, required=True, help="a UTF-8 text file, one prompt per line")
-    parser.add_argument("--steps", type=int, required=True, help="train until this many iterations in total")
+                                     description="Train the TriplaneTurbo adapter on your prompts with PRD "
+                                                 "(Progressive Rendering Distillation from 2D teachers).")
+    parser.add_argument("--prompts", required=True,
+                        help="a text file (one prompt per line), a JSON prompt library ({\"train\": [...]}), or a "
+                             "Hub dataset id[:file] (the authors' captions: ZhiyuanthePony/TriplaneTrubo)")
+    parser.add_argument("--steps", type=int, required=True, help="train until this many optimiser steps in total")
     parser.add_argument("--output", type=Path, required=True, help="the run's folder (created; resumed if it holds one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts per iteration and process")
     parser.add_argument("--views", type=int, default=4, help="cameras per prompt and denoising step")
     parser.add_argument("--accumulate", type=int, default=1, help="iterations per optimiser step")
     parser.add_argument("--renderers", default="mesh,volume", help="comma-separated: mesh, volume")
-    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations (and at the end)")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimiser steps (and at the end)")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; default 2)")
-    parser.add_argument("--preview-every", type=int, default=500, help="a preview picture every N iterations (0: never)")
+    parser.add_argument("--preview-every", type=int, default=500,
+                        help="a preview picture every N optimiser steps (0: never)")
+    teach = parser.add_argument_group("teachers")
+    teach.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                       help="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) + f" (default {DEFAULT_RECIPE})")
+    teach.add_argument("--teachers", default=None, help=f"instead of a recipe: comma-separated, from {', '.join(TEACHER_NAMES)}")
+    teach.add_argument("--teacher-weights", default=None, help="the teachers' loss weights, comma-separated (default 1 each)")
+    teach.add_argument("--mvdream-weights", default=None, help="MVDream's weights: Hub id or local path")
+    teach.add_argument("--richdreamer-weights", default=None,
+                       help="RichDreamer's normal-depth weights (nd_mv_ema.ckpt, published on ModelScope): local path "
+                            "or Hub id")
+    teach.add_argument("--richdreamer-text-encoder", default=None,
+                       help="SD 1.5 (Hub id or folder) whose CLIP-L text encoder RichDreamer reads "
+                            "(default sd-legacy/stable-diffusion-v1-5)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=2e-4, help="the adapter's learning rate (Adan, as the authors)")
+    optim.add_argument("--background-lr", type=float, default=2e-4, help="the learned background's learning rate")
+    optim.add_argument("--optimizer", choices=("adan", "adamw"), default="adan")
+    optim.add_argument("--from-scratch", action="store_true",
+                       help="start from a freshly initialised adapter (the authors' initialisation) instead of "
+                            "fine-tuning the published one")
+    optim.add_argument("--schedule-start", type=int, default=None,
+                       help="the schedules' step at the start (default: the end of the authors' run, "
+                            f"{AUTHORS_RUN_STEPS}, when fine-tuning; 0 from scratch)")
+    optim.add_argument("--warmup", type=int, default=None,
+                       help=f"optimiser steps of learning-rate warm-up (default {FINE_TUNE_WARMUP} when fine-tuning, "
+                            "0 from scratch)")
+    optim.add_argument("--no-background", action="store_true", help="a plain white background instead of the learned one")
+    sizes = parser.add_argument_group("render sizes (smaller: less GPU memory)")
+    sizes.add_argument("--image-size", type=int, default=None, help="mesh renders' side (default 512)")
+    sizes.add_argument("--grid", type=int, default=None, help="the mesh path's marching-cubes grid (default 128)")
+    sizes.add_argument("--rays", type=int, default=None, help="volume renders' side (default 128)")
+    sizes.add_argument("--global-rays", type=int, default=None,
+                       help="the volume renderer's whole-view pass side (default 42; 0: every ray at full size)")
+    sizes.add_argument("--patch-rays", type=int, default=None, help="its full-resolution patch side (default 40)")
+    sizes.add_argument("--samples", type=int, default=None, help="stratified samples per ray (default 128)")
+    sizes.add_argument("--importance-samples", type=int, default=None, help="importance samples per ray (default 64)")
+    sizes.add_argument("--teacher-size", type=int, default=None, help="the SD teacher's image side (default 512)")
     cli.add_mesh_options(parser, resolution=96, texture="vertex", title="mesh (the preview pictures)")
     cli.add_model_options(parser, dtype_help="the teachers' precision (auto: float16 on a GPU, else float32); the "
                                              "adapter itself always trains in float32")
@@ -52,44 +103,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .training.recipes import DEFAULT_RECIPE, RECIPES, parse_teachers
+
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("steps", "prompts_per_step", "views", "accumulate", "save_every", "keep"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("image_size", "grid", "rays", "samples", "teacher_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            parser.error(f"--{name.replace('_', '-')} must be at least 2")
+    for name in ("global_rays", "patch_rays", "importance_samples", "schedule_start", "warmup", "preview_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
     renderers = tuple(r.strip() for r in args.renderers.split(",") if r.strip())
     if not renderers or set(renderers) - {"mesh", "volume"}:
         parser.error("--renderers takes mesh, volume or both")
     args.renderers = renderers
+    if args.recipe and args.teachers:
+        parser.error("--recipe and --teachers exclude each other")
+    if args.teacher_weights and not args.teachers:
+        parser.error("--teacher-weights goes with --teachers")
+    try:
+        args.teacher_specs = parse_teachers(args.teachers, args.teacher_weights) if args.teachers \
+            else RECIPES[args.recipe or DEFAULT_RECIPE].teachers
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    from .inputs import clean_text
+def train_config(args: argparse.Namespace):
+    """The run's ``TrainConfig`` from the command line (``--tiny``: sizes for a CPU)."""
+    from dataclasses import replace
 
-    prompts = [clean_text(line)[0] for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    from .training import TrainConfig
+    from .training.config import TINY_TRAINING, BackgroundConfig, CameraConfig, OptimizerConfig
+
+    base = TrainConfig(**TINY_TRAINING) if args.tiny else TrainConfig()
+    volume = replace(base.volume, **{k: v for k, v in dict(
+        rays=args.rays, global_rays=args.global_rays, patch_rays=args.patch_rays, coarse_samples=args.samples,
+        fine_samples=args.importance_samples).items() if v is not None})
+    mesh = replace(base.mesh, **{k: v for k, v in dict(image=args.image_size, grid=args.grid).items() if v is not None})
+    guidance = replace(base.guidance, **({"image_size": args.teacher_size} if args.teacher_size else {}))
+    fine_tuning = not args.from_scratch
+    warmup = args.warmup if args.warmup is not None else (FINE_TUNE_WARMUP if fine_tuning else 0)
+    schedule_start = args.schedule_start if args.schedule_start is not None else (AUTHORS_RUN_STEPS if fine_tuning else 0)
+    return replace(base, steps=args.steps, prompts_per_step=args.prompts_per_step, accumulate=args.accumulate,
+                   schedule_start=schedule_start, seed=args.seed, renderers=args.renderers,
+                   learned_background=not args.no_background, cameras=CameraConfig(views=args.views),
+                   optimizer=OptimizerConfig(name=args.optimizer, lr=args.lr, warmup=warmup),
+                   background=replace(base.background if args.tiny else BackgroundConfig(), lr=args.background_lr),
+                   volume=volume, mesh=mesh, guidance=guidance)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from .training.prompts import read_prompts
+    from .training.recipes import TeacherUnavailableError, teacher_sources
+
+    sources = {"mvdream": args.mvdream_weights, "richdreamer": args.richdreamer_weights,
+               "richdreamer-text": args.richdreamer_text_encoder}
     try:
-        prompts = read_prompt_file(args.prompts)
+        teacher_sources(args.teacher_specs, sources, args.tiny)  # every teacher's module and weights named
+        prompts = read_prompts(args.prompts)
+    except TeacherUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
+    from accelerate.utils import ProjectConfiguration, gather_object
 
-    from . import TriplaneTurboPipeline, WeightSources, hub
-    from .config import GenerationConfig
-    from .training import PRDTrainer, StableDiffusionTeacher, TrainConfig, latest_checkpoint
-    from .training.config import TINY_TRAINING, CameraConfig
+    from .training import PRDTrainer, build_teachers, latest_checkpoint
+    from .training.prd import ddp_kwargs
 
     try:
         device, use_cpu = cli.process_device(args.device)
@@ -98,90 +187,168 @@ def main(argv=None) -> int:
         return 2
     auto = torch.float16 if device.type == "cuda" else torch.float32
     teacher_dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
-    config = TrainConfig(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=args.lr, accumulate=args.accumulate,
-                         seed=args.seed, renderers=args.renderers, cameras=CameraConfig(views=args.views),
-                         **(TINY_TRAINING if args.tiny else {}))
+    config = train_config(args)
+    trackers = "tensorboard" if _tensorboard_installed() else None
     scratch = tempfile.TemporaryDirectory(prefix="triplane-turbo-train-") if args.tiny else None
     try:
-        if args.tiny:
-            from .tiny import write_tiny_model
-
-            base_dir, adapter_file = write_tiny_model(scratch.name)  # before the process group: see batch.py
-            weights = hub.ResolvedWeights(base_dir, adapter_file, "tiny")
-            generation = GenerationConfig(latent_size=16)
-        else:
-            sources = WeightSources.resolve(args.base_model, args.adapter)
-            weights = hub.resolve(sources.base_model, sources.adapter, sources.adapter_filename)
-            generation = GenerationConfig()
-        accelerator = Accelerator(cpu=use_cpu, gradient_accumulation_steps=1)
-        pipe = TriplaneTurboPipeline.from_resolved(weights, device=device, dtype=torch.float32, fuse_lora=False,
-                                                   config=generation)
-        pipe.set_progress_bar_config(disable=True)
-        teacher = StableDiffusionTeacher(weights.base_dir, device, teacher_dtype, config.guidance)
+        weights, spec = resolve_weights(args, scratch)  # before the process group (see batch.py)
     except cli.loading_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    accelerator = Accelerator(cpu=use_cpu, log_with=trackers, kwargs_handlers=[ddp_kwargs(config)],
+                              project_config=ProjectConfiguration(project_dir=str(args.output), logging_dir=str(
+                                  args.output / "logs"), automatic_checkpoint_naming=True, total_limit=args.keep))
+    try:
+        pipe = load_pipeline(args, weights, spec, device)
+        teachers = build_teachers(args.teacher_specs, base_dir=weights.base_dir, device=device, dtype=teacher_dtype,
+                                  guidance=config.guidance, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  sources=sources, tiny=args.tiny)
+    except (*cli.loading_errors(), TeacherUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
-    trainer = PRDTrainer(pipe, [teacher], config, accelerator)
+    trainer = PRDTrainer(pipe, teachers, config, accelerator)
     args.output.mkdir(parents=True, exist_ok=True)
-    if (resume := latest_checkpoint(args.output)) is not None:
-        trainer.load(resume)
-        if accelerator.is_main_process:
-            print(f"resuming from {resume} (step {trainer.step})", file=sys.stderr)
-    rank_generator = torch.Generator()
     log = args.output / "log.jsonl"
+    if (resume := latest_checkpoint(args.output)) is not None:
+        trainer.load_state(resume)
+        if accelerator.is_main_process:
+            truncate_log(log, trainer.iteration)  # iterations after the checkpoint are done again
+            print(f"resuming from {resume} (step {trainer.optimizer_steps})", file=sys.stderr)
+    accelerator.init_trackers("prd", config=tracker_config(args, config))
+    prompt_generator = torch.Generator()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=trainer.step, desc="PRD", unit="step",
+    bar = tqdm(total=args.steps, initial=trainer.optimizer_steps, desc="PRD", unit="step",
                disable=args.quiet or not accelerator.is_main_process)
-    while trainer.step < args.steps:
-        rank_generator.manual_seed(args.seed * 1_000_003 + trainer.step * 101 + accelerator.process_index)
-        chosen = [prompts[int(i)] for i in torch.randint(len(prompts), (config.prompts_per_step,), generator=rank_generator)]
+    while trainer.optimizer_steps < args.steps:
+        prompt_generator.manual_seed((args.seed * 1_000_003 + trainer.iteration) * 101 + accelerator.process_index)
+        chosen = [prompts[int(i)] for i in torch.randint(len(prompts), (config.prompts_per_step,), generator=prompt_generator)]
         start = time.perf_counter()
+        schedule_step = trainer.schedule_step
         losses = trainer.train_step(chosen)
         seconds = time.perf_counter() - start
         by_process = gather_object([chosen]) if accelerator.num_processes > 1 else [chosen]
+        stepped = trainer.iteration % config.accumulate == 0
         if accelerator.is_main_process:
-            record = {"step": trainer.step, "seconds": round(seconds, 3), "prompts": by_process,
-                      **{k: round(v, 6) for k, v in losses.items()}}
+            record = {"iteration": trainer.iteration, "step": trainer.optimizer_steps, "schedule_step": schedule_step,
+                      "seconds": round(seconds, 3), "prompts": by_process, **{k: round(v, 6) for k, v in losses.items()}}
             with open(log, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            bar.update(1)
+            accelerator.log({f"loss/{k}": v for k, v in losses.items()} | {"seconds": seconds}, step=trainer.iteration)
+            if stepped:
+                bar.update(1)
             bar.set_postfix(loss=f"{losses['total']:.4g}")
-            if args.preview_every and trainer.step % args.preview_every == 0:
-                save_preview(pipe, prompts[0], args.output / "previews" / f"step-{trainer.step:07d}.png", args)
-        if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+            if stepped and args.preview_every and trainer.optimizer_steps % args.preview_every == 0:
+                image = save_preview(pipe, prompts[0], args.output / "previews" / f"step-{trainer.optimizer_steps:07d}.png",
+                                     args)
+                log_image(accelerator, image, trainer.iteration)
+        if stepped and (trainer.optimizer_steps % args.save_every == 0 or trainer.optimizer_steps == args.steps):
+            checkpoint = trainer.save_state()
             if accelerator.is_main_process:
-                checkpoint = trainer.save(args.output)
                 shutil.copyfile(checkpoint / "adapter.pth", args.output / ".adapter.pth.tmp")
                 os.replace(args.output / ".adapter.pth.tmp", args.output / "adapter.pth")
-                for old in sorted(args.output.glob("step-*"))[:-args.keep]:
-                    shutil.rmtree(old)
             accelerator.wait_for_everyone()
     bar.close()
     in_sync = parameters_in_sync(trainer, accelerator)
+    accelerator.end_training()
     if accelerator.is_main_process:
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": trainer.step, "finished": True, "processes": accelerator.num_processes,
-                                     "in_sync": in_sync}) + "\n")
-        print(f"{args.output / 'adapter.pth'}: adapter after {trainer.step} steps "
+            handle.write(json.dumps({"step": trainer.optimizer_steps, "finished": True,
+                                     "processes": accelerator.num_processes, "in_sync": in_sync}) + "\n")
+        print(f"{args.output / 'adapter.pth'}: adapter after {trainer.optimizer_steps} steps "
               f"({accelerator.num_processes} process{'es' * (accelerator.num_processes > 1)})")
     if scratch is not None:
         scratch.cleanup()
     return 0
 
 
-def parameters_in_sync(trainer, accelerator) -> bool:
-    """Whether every process holds the same adapter (data parallel: they must)."""
+def resolve_weights(args: argparse.Namespace, scratch):
+    """The weights on disk (downloaded if needed; ``--tiny``: written to ``scratch``) and the adapter's
+    hyper-parameters for ``--from-scratch``."""
+    from . import WeightSources, hub
+    from .adapter import AdapterSpec
+    from .training.init import PUBLISHED_SPEC
+
+    if args.tiny:
+        from .tiny import ADAPTER_RANKS, write_tiny_model
+
+        base_dir, adapter_file = write_tiny_model(scratch.name)
+        return hub.ResolvedWeights(base_dir, adapter_file, "tiny"), AdapterSpec(out_channels=16, mlp_hidden=(16, 16),
+                                                                                **ADAPTER_RANKS)
+    sources = WeightSources.resolve(args.base_model, args.adapter)
+    if args.from_scratch:  # the base model only
+        base_dir, variant = hub.resolve_base_model(sources.base_model)
+        return hub.ResolvedWeights(base_dir, base_dir, "scratch", variant), PUBLISHED_SPEC
+    return hub.resolve(sources.base_model, sources.adapter, sources.adapter_filename), PUBLISHED_SPEC
+
+
+def load_pipeline(args: argparse.Namespace, weights, spec, device):
+    """The float32 pipeline to train (unfused LoRA): the published adapter, ``--adapter``, or with
+    ``--from-scratch`` a freshly initialised one."""
     import torch
 
-    checksum = torch.stack([p.detach().double().sum() for p in trainer.parameters]).sum().reshape(1).to(accelerator.device)
-    gathered = accelerator.gather(checksum)
+    from . import TriplaneTurboPipeline
+    from .config import GenerationConfig
+    from .loading import components_from_resolved
+    from .training.init import fresh_adapter_state_dict
+
+    generation = GenerationConfig(latent_size=16) if args.tiny else GenerationConfig()
+    if args.from_scratch:
+        parts = components_from_resolved(weights)
+        fresh = fresh_adapter_state_dict(parts["unet"], parts["vae"], spec, args.seed)
+        pipe = TriplaneTurboPipeline.from_components(**parts, adapter_state_dict=fresh, source="fresh adapter",
+                                                     fuse_lora=False, config=generation)
+        pipe.to(device, torch.float32)
+    else:
+        pipe = TriplaneTurboPipeline.from_resolved(weights, device=device, dtype=torch.float32, fuse_lora=False,
+                                                   config=generation)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def truncate_log(log: Path, iteration: int) -> None:
+    """Drops the records of iterations after ``iteration`` (logged before an interruption)."""
+    if not log.is_file():
+        return
+    kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("iteration", 0) <= iteration and "finished" not in json.loads(line)]
+    log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def tracker_config(args: argparse.Namespace, config) -> dict:
+    """The run's settings as flat scalars (what trackers store as hyper-parameters)."""
+    return {"teachers": ",".join(f"{s.name}:{s.weight:g}" for s in args.teacher_specs), "steps": config.steps,
+            "accumulate": config.accumulate, "prompts_per_step": config.prompts_per_step, "lr": config.optimizer.lr,
+            "optimizer": config.optimizer.name, "schedule_start": config.schedule_start,
+            "from_scratch": bool(args.from_scratch), "learned_background": config.learned_background,
+            "image_size": config.mesh.image, "grid": config.mesh.grid, "rays": config.volume.rays, "seed": config.seed}
+
+
+def log_image(accelerator, image, step: int) -> None:
+    """A preview picture ([H, W, 3] uint8) to the trackers that take images."""
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            tracker.log_images({"preview": image[None]}, step=step, dataformats="NHWC")
+
+
+def parameters_in_sync(trainer, accelerator) -> bool:
+    """Whether every process holds the same adapter and background (data parallel: they must)."""
+    import torch
+
+    checksum = torch.stack([p.detach().double().sum() for p in trainer.trainable_parameters]).sum().reshape(1)
+    gathered = accelerator.gather(checksum.to(accelerator.device))
     return bool(torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0))
 
 
-def save_preview(pipe, prompt: str, path: Path, options: argparse.Namespace) -> None:
-    """The current adapter's mesh for ``prompt`` (seed 0), as a preview picture."""
+def save_preview(pipe, prompt: str, path: Path, options: argparse.Namespace):
+    """The current adapter's mesh for ``prompt`` (seed 0) as a preview picture; returns it [H, W, 3]."""
     import torch
     from PIL import Image
 
@@ -191,7 +358,9 @@ def save_preview(pipe, prompt: str, path: Path, options: argparse.Namespace) -> 
     with torch.no_grad():
         out = pipe(prompt, seed=0, mesh_resolution=options.resolution, texture=options.texture,
                    texture_size=options.texture_size, target_faces=options.faces)
-    Image.fromarray(render_preview(out.meshes[0], out.textures[0], size=256)).save(path)
+    image = render_preview(out.meshes[0], out.textures[0], size=256)
+    Image.fromarray(image).save(path)
+    return image
 
 
 if __name__ == "__main__":

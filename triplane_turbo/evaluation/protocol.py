@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from ..batch import BatchSettings, PromptLine, read_prompts
+from ..manifest import BatchSettings, PromptLine, read_prompts
 from ..inputs import MAX_PROMPT_CHARS, clean_text, validate_resolution, validate_texture_mode
 
 #: The text CLIP reads for a prompt, by default: the authors' words with a space.

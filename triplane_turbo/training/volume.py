@@ -9,7 +9,8 @@ sharpness s (inv_s = 100)::
 
 with f the SDF at the interval's middle, n its unit gradient, d the ray direction and Φ the sigmoid.
 Weights wᵢ = αᵢ Πⱼ<ᵢ (1 − αⱼ) composite the colour field, the depth and the normals; the background
-fills 1 − Σw. The loss sees a ``rays``² image assembled as the authors do: the whole view rendered
+fills 1 − Σw (the learned background during training, evaluated at each ray's direction). The
+loss sees a ``rays``² image assembled as the authors do: the whole view rendered
 at ``global_rays``² and upsampled, plus one ``patch_rays``² patch at full resolution pasted in.
 Torch only: runs on the CPU and the GPU.
 """
@@ -17,6 +18,7 @@ Torch only: runs on the CPU and the GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,8 @@ class VolumeRender:
     Attributes:
         rgb: [N, 3, S, S] composited over the background.
         opacity: [N, 1, S, S] Σw.
-        depth: [N, 1, S, S] Σw·t.
-        normal: [N, 3, S, S] unit world-space normals (zero where nothing is hit).
+        depth: [N, 1, S, S] Σw·t: the distance along the ray, times the opacity.
+        normal: [N, 3, S, S] world-space unit normal normalize(Σw·n), times the opacity.
         sdf_gradients: [M, 3] the SDF's gradient at every sample of the global pass (eikonal term).
     """
 
@@ -95,7 +97,8 @@ class NeuSRenderer:
     def render_rays(self, fields: TriplaneFields, triplane: torch.Tensor, origins: torch.Tensor,
                     directions: torch.Tensor, depths: torch.Tensor, background: torch.Tensor,
                     color_grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Per-ray outputs for rays [B, R, 3] of B objects with sample depths [B, R, K + 1]."""
+        """Per-ray outputs for rays [B, R, 3] of B objects with sample depths [B, R, K + 1] over
+        ``background`` colours [3] or [B, R, 3]."""
         b, r, _ = origins.shape
         mids = (depths[..., 1:] + depths[..., :-1]) / 2  # [B, R, K]
         delta = depths[..., 1:] - depths[..., :-1]
@@ -119,26 +122,32 @@ class NeuSRenderer:
         return {"rgb": (weights[..., None] * color).sum(-2) + background * (1 - opacity),
                 "opacity": opacity,
                 "depth": (weights * mids).sum(-1, keepdim=True),
-                "normal": F.normalize((weights[..., None] * normal).sum(-2), dim=-1) * (opacity > 1e-4),
+                "normal": F.normalize((weights[..., None] * normal).sum(-2), dim=-1) * opacity,
                 "sdf_gradients": gradient.reshape(-1, 3)}
 
     # -- images --------------------------------------------------------------------------------------
     def render(self, fields: TriplaneFields, triplane: torch.Tensor, cameras: Cameras,
-               generator: torch.Generator | None = None, step: int = 0) -> VolumeRender:
-        """The N = B·V camera views of B objects (triplane [B, 6, C, H, W]) as ``rays``² images
-        (``step``: the training step, for the colour gradient's schedule)."""
+               generator: torch.Generator | None = None, step: int = 0,
+               background: Callable[[torch.Tensor], torch.Tensor] | None = None) -> VolumeRender:
+        """The N = B·V camera views of B objects (triplane [B, 6, C, H, W]) as ``rays``² images.
+
+        ``step``: the schedule step, for the colour gradient's schedule. ``background``: colours
+        [B, R, 3] of ray directions [B, R, 3] (object b's rays), e.g. ``LearnedBackground.bind(text)``;
+        None: the config's plain colour.
+        """
         cfg = self.config
         color_scale = ramp(step, *cfg.color_grad_scale, cfg.color_grad_until)
         origins, directions = cameras.rays(cfg.rays)  # [N, S, S, 3]
         n, size = origins.shape[0], cfg.rays
         views = cameras.views_per_prompt
-        background = torch.tensor(cfg.background, device=origins.device)
+        plain = torch.tensor(cfg.background, device=origins.device)
 
         def run(o: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
             side = o.shape[1]
             o, d = o.reshape(n // views, views * side * side, 3), d.reshape(n // views, views * side * side, 3)
             depths = self.sample_depths(fields, triplane, o, d, generator)
-            out = self.render_rays(fields, triplane, o, d, depths, background, color_scale)
+            colors = plain if background is None else background(d)
+            out = self.render_rays(fields, triplane, o, d, depths, colors, color_scale)
             return {k: (v if k == "sdf_gradients" else v.reshape(n, side, side, -1).permute(0, 3, 1, 2))
                     for k, v in out.items()}
 

@@ -1,0 +1,16 @@
+"""The web app's parts, one job per module; ``app.py`` lays out the page and wires them.
+
+* ``settings`` — what the app offers, one strict parser per input, generation links (no Gradio);
+* ``store`` — the results on disk, bounded, in a folder of the app's own;
+* ``models`` — loading the model once, the device and dtype, ZeroGPU's rules;
+* ``service`` — lookup, make, bake, preview, store (no Gradio; a plain progress callable);
+* ``handlers`` — Gradio's side: validators, handlers, queue behaviour, errors as messages.
+"""
+
+from .handlers import GPU_GROUP, Handlers
+from .models import ModelLoader, ModelNotReadyError, gpu_seconds, make_loader, pick_device
+from .service import GenerationError, GenerationService
+from .store import OutputFolderError, ResultStore
+
+__all__ = ["GPU_GROUP", "GenerationError", "GenerationService", "Handlers", "ModelLoader", "ModelNotReadyError",
+           "OutputFolderError", "ResultStore", "gpu_seconds", "make_loader", "pick_device"]

@@ -1,0 +1,335 @@
+"""The Gradio handlers: requests in, component values out; the only module of ``web`` that imports Gradio.
+
+How requests flow through Gradio's own queue (``app.py`` wires it):
+
+* Every event that may need the GPU (generate, variants, opening a variant or a history entry, an
+  example) is in one concurrency group, ``GPU_GROUP``, with ``concurrency_limit=1``: Gradio queues
+  them, shows each visitor its real position, and no worker thread sleeps on a lock.
+* Before queueing, Gradio runs the event's **validator** (bad inputs are answered at once, and a
+  request that is not stored while ``max_queue`` others wait is answered "busy, try again"), then
+  asks the handler whether the answer is already stored (``answers_from_store``: the protocol of
+  ``gr.cache``, whose hits bypass the queue). A stored result — a shared link, a history click, an
+  example — is therefore answered at once even while a crowd waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import gradio as gr
+from gradio.caching import CacheMissError
+
+from .models import ModelNotReadyError
+from .service import FirstLook, GenerationError, GenerationService, NoSurface, Stored
+from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, HISTORY_SIZE, InputError, Settings,
+                       inputs_from_link, settings_from_entry, settings_from_inputs, texture_label, variant_settings)
+from .store import Entry, checked_thumbnail, read_image, thumbnail_jpeg
+
+logger = logging.getLogger("triplane_turbo.app")
+
+#: The concurrency group of every event that may run the networks.
+GPU_GROUP = "gpu"
+GENERATE_PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify",
+                       "target_faces", "texture"]
+VARIANT_PARAMETERS = ["prompt", "seed", "count", "mesh_resolution"]
+
+
+def probing() -> bool:
+    """Whether Gradio is asking, before queueing, if the answer is already stored. (Gradio 6.31's
+    ``gr.cache`` protocol: a handler with a ``cache`` attribute is called once in probe mode at push
+    time and raises ``CacheMissError`` to be queued instead; the flag is private to
+    ``gradio.caching``, hence the guard: without it every request is simply queued.)"""
+    import gradio.caching
+
+    flag = getattr(gradio.caching, "_probe_mode_active", None)
+    return bool(flag is not None and flag.get())
+
+
+def answers_from_store(handler):
+    """Marks a handler that answers stored results without queueing (see ``probing``)."""
+    handler.cache = True
+    return handler
+
+
+@contextmanager
+def user_errors(probe: bool):
+    """Service and input errors -> ``gr.Error`` with their message; anything unexpected -> a generic
+    one (the log keeps the details). While probing, every failure just means "queue it": an
+    exception there would be an HTTP 500 instead of a message."""
+    try:
+        yield
+    except CacheMissError:
+        raise
+    except Exception as exc:
+        if probe:
+            raise CacheMissError() from None
+        if isinstance(exc, InputError):
+            raise gr.Error(str(exc)) from None
+        if isinstance(exc, ModelNotReadyError):
+            raise gr.Error(str(exc), title="Model not available") from None
+        if isinstance(exc, (GenerationError, gr.Error)):
+            raise gr.Error(str(exc)) from None
+        logger.exception("generation failed")
+        raise gr.Error(f"Generation failed ({type(exc).__name__}); the server log has the details.") from exc
+
+
+def page_url(request: gr.Request | None) -> str:
+    """The app's public address for a request: the page itself for a browser, else the host."""
+    if request is None:
+        return ""
+    headers = request.headers
+    if referer := headers.get("referer"):
+        parts = urlsplit(referer)
+        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    host = headers.get("x-forwarded-host") or headers.get("host", "localhost")
+    proto = headers.get("x-forwarded-proto") or request.url.scheme
+    return f"{proto}://{host}{request.url.path.split('/gradio_api')[0].rstrip('/')}/"
+
+
+class Handlers:
+    """Every event's handler; ``app.py`` lays out the page and wires them.
+
+    Args:
+        service: the generation service.
+        max_queue: requests that may wait for the GPU; beyond it a new (not stored) request is
+            answered "busy, try again" at once.
+    """
+
+    #: Seconds an admitted request counts as waiting before it shows up in Gradio's queue.
+    ADMISSION_WINDOW = 5.0
+
+    def __init__(self, service: GenerationService, max_queue: int = 64):
+        self.service, self.max_queue = service, max_queue
+        self.demo: gr.Blocks | None = None  # set by app.py once built: the GPU queue's length is read from it
+        self._admitted: deque[float] = deque()  # when recent requests were let through to the GPU queue
+        self._lock = threading.Lock()
+
+    # -- the queue ---------------------------------------------------------------------------------
+    def gpu_backlog(self) -> int:
+        """Requests waiting in the GPU group of Gradio's queue (not counting the running one)."""
+        queue = getattr(self.demo, "_queue", None)
+        waiting = getattr(queue, "event_queue_per_concurrency_id", {}).get(GPU_GROUP)
+        return len(waiting.queue) if waiting is not None else 0
+
+    def _busy(self, batch: list[Settings], storable: bool = True) -> str | None:
+        """The "busy" answer for a request that would wait behind ``max_queue`` others, else None.
+
+        Validators run before Gradio appends the event, so a burst of requests all see the queue as
+        it was: the requests let through in the last ``ADMISSION_WINDOW`` seconds count as waiting
+        too (a burst is counted as it arrives; at worst a request is turned away a few seconds early).
+        """
+        if storable and all(self.service.stored(s) for s in batch):
+            return None  # answered from the store, never queued
+        with self._lock:
+            now = time.monotonic()
+            while self._admitted and now - self._admitted[0] > self.ADMISSION_WINDOW:
+                self._admitted.popleft()
+            waiting = self.gpu_backlog() + len(self._admitted)
+            if waiting < self.max_queue:
+                self._admitted.append(now)
+                return None
+        return (f"The server is busy: {waiting} requests are waiting for the GPU. Please try again in a minute "
+                "(stored results, such as shared links, are still answered at once).")
+
+    @staticmethod
+    def _verdict(fields: list[str], failed: str | None = None, message: str = "") -> list:
+        """One ``gr.validate`` per input: all valid, or ``failed`` with ``message``."""
+        return [gr.validate(name != failed, message if name == failed else "") for name in fields]
+
+    # -- validators: run before queueing --------------------------------------------------------------
+    def validate_generate(self, prompt, seed, randomize_seed, mesh_resolution, remove_floaters=False,
+                          simplify=False, target_faces=DEFAULT_FACES, texture="uv"):
+        try:
+            settings, _ = settings_from_inputs(prompt, seed, randomize_seed, mesh_resolution, remove_floaters,
+                                               simplify, target_faces, texture)
+        except InputError as exc:
+            return self._verdict(GENERATE_PARAMETERS, exc.field, str(exc))
+        busy = self._busy([settings], storable=randomize_seed is not True)  # a fresh random seed is never stored
+        return self._verdict(GENERATE_PARAMETERS, "prompt" if busy else None, busy or "")
+
+    def validate_variants(self, prompt, seed, count, mesh_resolution):
+        try:
+            batch, _ = variant_settings(prompt, seed, count, mesh_resolution)
+        except InputError as exc:
+            return self._verdict(VARIANT_PARAMETERS, exc.field, str(exc))
+        busy = self._busy(batch)
+        return self._verdict(VARIANT_PARAMETERS, "prompt" if busy else None, busy or "")
+
+    # -- generate ------------------------------------------------------------------------------------
+    @answers_from_store
+    def generate(self, prompt, seed, randomize_seed, mesh_resolution, remove_floaters=False, simplify=False,
+                 target_faces=DEFAULT_FACES, texture="uv", request: gr.Request = None, progress=gr.Progress()):
+        """Text to a textured mesh: the GLB, the details, the seed used, the GLB/OBJ(zip)/PLY/STL files and a
+        link that reproduces the result. A new mesh is shown first with vertex colours while its texture bakes."""
+        started, probe = time.perf_counter(), probing()
+        with user_errors(probe):
+            settings, notes = settings_from_inputs(prompt, seed, randomize_seed, mesh_resolution, remove_floaters,
+                                                   simplify, target_faces, texture)
+        if not probe:
+            for note in notes:
+                gr.Warning(note)
+        yield from self._show(settings, request, progress, started, probe)
+
+    @answers_from_store
+    def generate_example(self, prompt, request: gr.Request = None, progress=gr.Progress()):
+        """An example prompt with the example seed and the default settings (stored after its first time)."""
+        started, probe = time.perf_counter(), probing()
+        with user_errors(probe):
+            settings, _ = settings_from_inputs(prompt, EXAMPLE_SEED, False, DEFAULT_RESOLUTION)
+        yield from self._show(settings, request, progress, started, probe)
+
+    def _show(self, settings: Settings, request, progress, started: float, probe: bool):
+        """generate()'s outputs for ``settings``: from the store at once, else made (first look, then the result)."""
+        with user_errors(probe):
+            if (entry := self.service.stored(settings)) is not None:
+                yield self._outputs(entry, settings, request, True, started, warn=not probe)
+                return
+            if probe:
+                raise CacheMissError()
+            report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
+            for event in self.service.produce([settings], report, fail_on_empty=True):
+                if isinstance(event, FirstLook):
+                    skip = [gr.skip()] * 6
+                    yield (str(event.glb), {"prompt": settings.prompt, "seed": settings.seed,
+                                            "status": "baking the texture…"}, settings.seed, *skip)
+                elif isinstance(event, Stored):
+                    yield self._outputs(event.entry, settings, request, not event.entry.fresh, started)
+
+    def _outputs(self, entry: Entry, settings: Settings, request, cached: bool, started: float,
+                 warn: bool = True) -> tuple:
+        """generate()'s outputs for a stored entry: viewer, details, seed, four downloads, link, history item."""
+        record = entry.record
+        if warn:
+            for note in record.get("warnings", []):
+                gr.Warning(note)
+        info = {**record, "timings": {k: round(v, 3) for k, v in record["timings"].items()}, "cached": cached,
+                "files": {kind: path.name for kind, path in entry.files.items()},
+                "total_seconds": round(time.perf_counter() - started, 3)}
+        link = settings.share_link(page_url(request))
+        files = entry.files
+        remembered = {**settings.as_record(), "link": link,
+                      "thumb": base64.b64encode(thumbnail_jpeg(read_image(files["preview"]))).decode()}
+        return (str(files["glb"]), info, settings.seed, str(files["glb"]), str(files["obj"]), str(files["ply"]),
+                str(files["stl"]), link, remembered)
+
+    # -- variants ------------------------------------------------------------------------------------
+    @answers_from_store
+    def variants(self, prompt, seed, count, mesh_resolution, request: gr.Request = None, progress=gr.Progress()):
+        """`count` meshes (1-8) from seeds seed, seed+1, … in one GPU call: preview images (captioned with
+        their seeds) and GLB files. Variant i is the result generate() gives for seed + i."""
+        probe = probing()
+        with user_errors(probe):
+            batch, notes = variant_settings(prompt, seed, count, mesh_resolution)
+            found = [self.service.stored(s) for s in batch]
+            if probe and not all(found):
+                raise CacheMissError()
+            entries: dict[int, Entry] = {i: e for i, e in enumerate(found) if e is not None}
+            if len(entries) < len(batch):
+                report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
+                for event in self.service.produce(batch, report, fail_on_empty=False, first_look=False):
+                    if isinstance(event, Stored):
+                        entries[event.index] = event.entry
+        if not probe:
+            for note in notes:
+                gr.Warning(note)
+        if not entries:
+            raise gr.Error(f"The model produced no surface for any of the seeds {batch[0].seed}…{batch[-1].seed}; "
+                           "try other seeds or another prompt.")
+        if missing := [s.seed for i, s in enumerate(batch) if i not in entries]:
+            gr.Warning(f"No surface for seed{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}: left out.")
+        made = [(entries[i], s) for i, s in enumerate(batch) if i in entries]
+        gallery = [(str(e.files["preview"]), f"seed {s.seed}") for e, s in made]
+        chosen = [s.as_record() for _, s in made]
+        return gallery, [str(e.files["glb"]) for e, _ in made], chosen
+
+    # -- opening a variant or a history entry ----------------------------------------------------------
+    def _entry_inputs(self, settings: Settings) -> tuple:
+        return (settings.prompt, False, settings.mesh_resolution, settings.remove_floaters,
+                settings.target_faces is not None, settings.target_faces or DEFAULT_FACES,
+                texture_label(settings.texture))  # the seed is among generate()'s outputs
+
+    def _open(self, settings_source, request, progress):
+        started, probe = time.perf_counter(), probing()
+        with user_errors(probe):
+            settings = settings_source()
+        for outputs in self._show(settings, request, progress, started, probe):
+            yield (*outputs, *self._entry_inputs(settings))
+
+    @answers_from_store
+    def pick_variant(self, chosen, evt: gr.SelectData, request: gr.Request = None, progress=gr.Progress()):
+        """A click on a variant's preview: that mesh in the viewer, with its downloads and link."""
+        def settings():
+            if not chosen or evt.index is None or not 0 <= evt.index < len(chosen):
+                raise InputError("entry", "That variant is no longer available; make the variants again.")
+            return settings_from_entry(chosen[evt.index])
+
+        yield from self._open(settings, request, progress)
+
+    @answers_from_store
+    def pick_history(self, history, evt: gr.SelectData, request: gr.Request = None, progress=gr.Progress()):
+        """A click on a history entry: restored from the store, or made again from its settings."""
+        def settings():
+            entries = (history or {}).get("entries", []) if isinstance(history, dict) else []
+            if evt.index is None or not 0 <= evt.index < len(entries):
+                raise InputError("entry", "That history entry is gone.")
+            return settings_from_entry(entries[evt.index])
+
+        yield from self._open(settings, request, progress)
+
+    # -- the history, kept in the browser ----------------------------------------------------------------
+    def remember(self, result, history):
+        """Puts the latest result first in the browser's history (bounded, no duplicates)."""
+        entries = [e for e in (history or {}).get("entries", []) if not _same(e, result)]
+        if result:
+            entries.insert(0, result)
+        history = {"version": 1, "entries": entries[:HISTORY_SIZE]}
+        return history, self.history_gallery(history)
+
+    def history_gallery(self, history):
+        """Gallery items for the browser's history. A result still stored shows its own preview; for
+        one no longer stored the browser's thumbnail is decoded, bounded and re-encoded into the
+        store's thumbnail budget. Broken entries are left out."""
+        items = []
+        for entry in (history or {}).get("entries", [])[:HISTORY_SIZE] if isinstance(history, dict) else []:
+            try:
+                settings = settings_from_entry(entry)
+                stored = self.service.stored(settings)
+                picture = stored.files["preview"] if stored else self.service.store.thumbnail(
+                    checked_thumbnail(entry["thumb"]))
+            except (InputError, KeyError, TypeError, ValueError, OSError):
+                continue
+            items.append((str(picture), f"{settings.prompt[:60]} · seed {settings.seed}"))
+        return items
+
+    def clear_history(self):
+        history = {"version": 1, "entries": []}  # a truthy value: BrowserState never stores falsy ones
+        return history, []
+
+    # -- page load and links ----------------------------------------------------------------------------
+    def on_load(self, request: gr.Request):
+        """Model status; with ?prompt=…&seed=…&resolution=… fills the inputs and starts a generation."""
+        query = dict(request.query_params) if request is not None else {}
+        status = self.service.loader.status()
+        link, warnings = inputs_from_link(query)
+        for warning in warnings:
+            gr.Warning(warning)
+        if link is None:
+            return status, *[gr.skip()] * 9
+        return (status, link.prompt, gr.skip() if link.seed is None else link.seed, link.randomize, link.resolution,
+                link.remove_floaters, link.simplify, link.faces if link.faces else gr.skip(),
+                texture_label(link.texture), time.time_ns())
+
+
+def _same(a, b) -> bool:
+    keys = ("prompt", "seed", "mesh_resolution", "remove_floaters", "target_faces", "texture")
+    return isinstance(a, dict) and isinstance(b, dict) and all(a.get(k) == b.get(k) for k in keys)
+
+
+__all__ = ["GENERATE_PARAMETERS", "GPU_GROUP", "Handlers", "VARIANT_PARAMETERS", "answers_from_store", "page_url",
+           "probing"]

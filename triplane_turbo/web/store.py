@@ -1,0 +1,304 @@
+"""The app's results on disk, in a folder of their own, bounded by size and age.
+
+    <root>/.triplane-turbo-results     marker: the folder was made by this app
+    <root>/files/<key>/…               served: GLB, OBJ zip, PLY, STL, preview PNG
+    <root>/files/<key>.pending/…       served: the vertex-coloured first look, while the texture bakes
+    <root>/files/empty.glb             served: the viewer's empty first value
+    <root>/records/<key>.json          not served: prompt, settings, timings
+    <root>/thumbs/<sha>.jpg            served: history thumbnails sent by browsers, for results no longer stored
+    <root>/.staging/                   not served: entries being written
+
+File names come from a hash of the settings, never from the prompt. The store serves and deletes
+what it keeps, so it takes only a folder that is empty or carries its marker, and it refuses one
+holding anything it would not have made itself; it never deletes what it did not make. Entries are
+evicted least recently used first, by age and by total size; browser thumbnails live in a small
+budget of their own inside the total, so a forged history can churn thumbnails but never push a
+result out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..export import encode_mesh, zip_files
+from ..fileio import write_atomic
+
+_KEY = re.compile(r"[0-9a-f]{32}")
+MARKER = ".triplane-turbo-results"
+_TOP = {MARKER, "files", "records", "thumbs", ".staging"}
+#: Fraction of the byte budget that browser thumbnails may take (the rest is for results).
+THUMB_SHARE = 0.02
+#: Thumbnails are small (96² JPEG, a few kB): at most this many are kept whatever the budget.
+MAX_THUMBS = 2000
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds files the app did not make; serving it would publish them."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored result: its key, where its files are, and its record."""
+
+    key: str
+    files: dict[str, Path]  # "glb", "obj", "ply", "stl", "preview"
+    record: dict
+    fresh: bool = False  # made just now (``save``), rather than found (``load``)
+
+
+class ResultStore:
+    """Generated meshes on disk, bounded by ``max_bytes`` in total and ``max_age_s`` per entry."""
+
+    FILES = {"glb": "{stem}.glb", "obj": "{stem}-obj.zip", "ply": "{stem}.ply", "stl": "{stem}.stl",
+             "preview": "{stem}-preview.png"}
+
+    def __init__(self, root: str | os.PathLike, max_bytes: float = 2e9, max_age_s: float = 86400.0):
+        self.root = Path(root).expanduser().resolve()
+        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+        self.thumb_bytes = max_bytes * THUMB_SHARE
+        self._lock = threading.Lock()
+        self._claim_root()
+        for name in ("files", "records", "thumbs", ".staging"):
+            (self.root / name).mkdir(exist_ok=True)
+        self.empty_glb = self.root / "files" / "empty.glb"
+        if not self.empty_glb.exists():
+            write_atomic(self.empty_glb, _empty_glb())
+
+    @property
+    def served(self) -> list[Path]:
+        """The folders the web server may serve (nothing else under the root)."""
+        return [self.root / "files", self.root / "thumbs"]
+
+    def _claim_root(self) -> None:
+        """Take the folder if it is new, empty, or this app's (its marker, and only names this
+        app makes); otherwise refuse, touching nothing."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        names = set(os.listdir(self.root))
+        if names and MARKER not in names:
+            raise OutputFolderError(self._refusal(sorted(names), "is not empty and was not made by this app"))
+        foreign = sorted(names - _TOP)
+        files = self.root / "files"
+        if files.is_dir():
+            foreign += [f"files/{n}" for n in sorted(os.listdir(files))
+                        if not (_KEY.fullmatch(n.removesuffix(".pending")) or n == "empty.glb")]
+        if foreign:
+            raise OutputFolderError(self._refusal(foreign, "holds files this app did not make"))
+        (self.root / MARKER).touch()
+
+    def _refusal(self, names: list[str], why: str) -> str:
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"The output folder {self.root} {why} ({shown}). The app serves and deletes what it keeps there, "
+                f"so it needs a folder of its own: choose a new or empty folder with --output-dir (or "
+                f"TRIPLANE_TURBO_OUTPUT_DIR).")
+
+    @staticmethod
+    def key(**settings) -> str:
+        """A 32-hex-digit key for JSON-serialisable settings (order does not matter)."""
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+    def paths(self, key: str) -> dict[str, Path]:
+        """Where an entry's files live (whether or not they exist yet)."""
+        stem = f"triplaneturbo-{key[:12]}"
+        return {kind: self.root / "files" / key / name.format(stem=stem) for kind, name in self.FILES.items()}
+
+    def load(self, key: str) -> Entry | None:
+        """A complete entry (and marks it recently used), or None."""
+        if not _KEY.fullmatch(key):
+            return None
+        try:
+            record = json.loads((self.root / "records" / f"{key}.json").read_text(encoding="utf-8"))
+            paths = self.paths(key)
+            if not all(path.is_file() for path in paths.values()):
+                return None
+            os.utime(self.root / "files" / key)  # eviction drops the least recently used entries first
+        except (OSError, ValueError):
+            return None
+        return Entry(key, paths, record)
+
+    def save(self, key: str, mesh, record: dict, texture=None, preview=None) -> Entry:
+        """Exports a model-frame ``mesh`` (with its ``texture``) in every format, the ``preview``
+        image [H, W, 3] uint8, and the record; readers never see a partial entry.
+
+        ``record["timings"]["export"]`` is set to the export time.
+        """
+        from PIL import Image
+
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not a store key: {key!r}")
+        staging = Path(tempfile.mkdtemp(dir=self.root / ".staging"))
+        try:
+            start = time.perf_counter()
+            paths = self.paths(key)
+            stem = paths["glb"].stem
+            for fmt in ("glb", "ply", "stl"):
+                (staging / paths[fmt].name).write_bytes(encode_mesh(mesh, fmt, stem, texture)[f"{stem}.{fmt}"])
+            (staging / paths["obj"].name).write_bytes(zip_files(encode_mesh(mesh, "obj", stem, texture)))
+            Image.fromarray(preview).save(staging / paths["preview"].name)
+            record = {**record, "timings": {**record.get("timings", {}), "export": time.perf_counter() - start}}
+            staging.chmod(0o755)
+            for path in staging.iterdir():
+                path.chmod(0o644)
+            with self._lock:
+                shutil.rmtree(self.root / "files" / key, ignore_errors=True)  # a stale or incomplete entry
+                os.replace(staging, self.root / "files" / key)
+                write_atomic(self.root / "records" / f"{key}.json",
+                             json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return Entry(key, self.paths(key), record, fresh=True)
+
+    def pending_glb(self, key: str, mesh) -> Path:
+        """A vertex-coloured GLB shown while the texture bakes (``files/<key>.pending/``, removed
+        with its entry's eviction or after ten minutes)."""
+        folder = self.root / "files" / f"{key}.pending"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"triplaneturbo-{key[:12]}-preview.glb"
+        write_atomic(path, encode_mesh(mesh, "glb", path.stem)[f"{path.stem}.glb"])
+        return path
+
+    def thumbnail(self, jpeg: bytes) -> Path:
+        """A history thumbnail written (once) under ``thumbs/``, named by its content; the
+        thumbnails' own budget is enforced at once (oldest first), so no number of them can grow
+        past it."""
+        path = self.root / "thumbs" / f"{hashlib.sha256(jpeg).hexdigest()[:32]}.jpg"
+        if path.exists():
+            os.utime(path)
+            return path
+        write_atomic(path, jpeg)
+        with self._lock:
+            thumbs = sorted(self._thumbs())
+            total, count = sum(size for _, size, _ in thumbs), len(thumbs)
+            for _, size, thumb in thumbs:  # oldest first
+                if total <= self.thumb_bytes and count <= MAX_THUMBS:
+                    break
+                if thumb != path:  # never the one just written
+                    thumb.unlink(missing_ok=True)
+                    total, count = total - size, count - 1
+        return path
+
+    def _thumbs(self) -> list[tuple[float, int, Path]]:
+        found = []
+        for thumb in (self.root / "thumbs").iterdir():
+            try:
+                stat = thumb.stat()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            found.append((stat.st_mtime, stat.st_size, thumb))
+        return found
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, folder) of every result folder (entries and pending GLBs), oldest first."""
+        found = []
+        for child in (self.root / "files").iterdir():
+            if not child.is_dir() or not _KEY.fullmatch(child.name.removesuffix(".pending")):
+                continue
+            try:
+                size = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+                found.append((child.stat().st_mtime, size, child))
+            except OSError:  # removed meanwhile
+                continue
+        return sorted(found)
+
+    def enforce_limits(self, keep: str | set[str] | None = None) -> list[str]:
+        """Deletes entries older than ``max_age_s``, then the oldest while the results and the
+        thumbnails' budget together exceed ``max_bytes``; thumbnails older than ``max_age_s`` too.
+
+        ``keep`` (the entries just written or served) is never deleted. Returns the deleted keys.
+        Files that other requests remove meanwhile are simply skipped.
+        """
+        keep = {keep} if isinstance(keep, str) else set(keep or ())
+        now, removed = time.time(), []
+        with self._lock:
+            for child in (self.root / ".staging").iterdir():
+                if now - _mtime(child, now) > 3600:  # left behind by a crash
+                    shutil.rmtree(child, ignore_errors=True)
+            entries = self.entries()
+            total = sum(size for _, size, _ in entries)
+            budget = self.max_bytes - self.thumb_bytes
+            for mtime, size, child in entries:
+                key = child.name.removesuffix(".pending")
+                pending_done = child.name.endswith(".pending") and now - mtime > 600
+                if key not in keep and (now - mtime > self.max_age_s or total > budget or pending_done):
+                    shutil.rmtree(child, ignore_errors=True)
+                    if not child.name.endswith(".pending"):
+                        (self.root / "records" / f"{key}.json").unlink(missing_ok=True)
+                        removed.append(key)
+                    total -= size
+            for mtime, _, thumb in self._thumbs():
+                if now - mtime > self.max_age_s:
+                    thumb.unlink(missing_ok=True)
+            for record in (self.root / "records").iterdir():  # records whose files are gone
+                if _KEY.fullmatch(record.stem) and not (self.root / "files" / record.stem).exists() \
+                        and now - _mtime(record, now) > 60:
+                    record.unlink(missing_ok=True)
+        return removed
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
+
+
+def _empty_glb() -> bytes:
+    """A GLB that draws nothing (one zero-area triangle): the viewer's first value, so that its 3D
+    canvas is set up when the page loads. (Gradio 6.31's Model3D loses its renderer when the first
+    mesh it gets is sent twice in quick succession, as a one-step streaming event does.)"""
+    import numpy as np
+    import trimesh
+    from trimesh.exchange.gltf import export_glb
+
+    return export_glb(trimesh.Trimesh(np.zeros((3, 3)), [[0, 1, 2]], process=False))
+
+
+def thumbnail_jpeg(image, size: int = 96) -> bytes:
+    """A small JPEG of a preview image [H, W, 3] uint8 (history entries keep these in the browser)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).resize((size, size), Image.LANCZOS).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def checked_thumbnail(encoded: str, limit: int = 64_000) -> bytes:
+    """A history thumbnail from the browser (base64 JPEG): decoded, bounded, re-encoded (never the
+    browser's bytes). ValueError for anything else."""
+    import base64
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    data = base64.b64decode(encoded, validate=True)
+    if len(data) > limit:
+        raise ValueError("thumbnail too large")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width > 256 or image.height > 256:
+                raise ValueError("thumbnail too large")
+            return thumbnail_jpeg(np.asarray(image.convert("RGB")), size=min(image.width, 96))
+    except UnidentifiedImageError as exc:
+        raise ValueError("not an image") from exc
+
+
+def read_image(path: Path):
+    """An image file as [H, W, 3] uint8."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+__all__ = ["Entry", "MARKER", "OutputFolderError", "ResultStore", "checked_thumbnail", "read_image", "thumbnail_jpeg"]
