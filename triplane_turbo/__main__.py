@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if file_format not in FORMATS:
         parser.error(f"unknown format {file_format!r}; choose one of {', '.join(FORMATS)}")
     output = args.output or Path(f"mesh.{file_format}")
-    try:
-        device = cli.resolve_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = cli.resolve_device(args.device)
     dtype = cli.resolve_dtype(args.dtype, device)
 
     from .export import export_mesh

@@ -221,11 +221,7 @@ def main(argv=None) -> int:
         return 2
     from accelerate import PartialState
 
-    try:
-        device, use_cpu = cli.process_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device, use_cpu = cli.process_device(args.device)
     dtype = cli.resolve_dtype(args.dtype, device)
     try:  # before the process group exists: libraries write files on rank 0 only once it does
         pipe = cli.load_pipeline(args, device, dtype)

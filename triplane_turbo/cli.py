@@ -38,7 +38,12 @@ def _texture_size(value):
     return validate_texture_size(value)
 
 
-#: argparse types for the mesh options: one object each, so every command parses with the same one.
+def _device(text: str) -> str:
+    return resolve_device(text)
+
+
+#: argparse types of the shared options: one object each, so every command parses with the same one.
+DEVICE = _checked(_device, cast=str)
 RESOLUTION = _checked(validate_resolution)
 TEXTURE_SIZE = _checked(_texture_size)
 TARGET_FACES = _checked(validate_target_faces)
@@ -50,7 +55,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, dtype_help: str | None
     group.add_argument("--base-model", default=None, help=f"Hub id or local folder (env {ENV_BASE_MODEL})")
     group.add_argument("--adapter", default=None, help=f"Hub id, .pth file or folder (env {ENV_ADAPTER})")
     group.add_argument("--tiny", action="store_true", help="offline tiny random model, no download")
-    group.add_argument("--device", default=None,
+    group.add_argument("--device", type=DEVICE, default=None,
                        help="cpu, cuda, cuda:1, mps (default: CUDA when available, else the CPU)")
     group.add_argument("--dtype", choices=DTYPES, default="auto",
                        help=dtype_help or "network precision (auto: float16 on a GPU; on the CPU bfloat16 where "
@@ -94,7 +99,8 @@ def resolve_device(requested: str | None) -> str:
 
 
 def process_device(requested: str | None):
-    """(device, on_cpu) for one process of a command that ``accelerate launch`` may start many times.
+    """(device, on_cpu) for one process of a command that ``accelerate launch`` may start many times;
+    ``requested`` is a ``--device`` value (already checked by its argparse type).
 
     Without CUDA (or with ``--device cpu``, or ACCELERATE_USE_CPU) the processes talk over gloo:
     accelerate's MULTI_CPU. (Its ``--cpu`` launcher starts several processes only through MPI; its
@@ -105,8 +111,6 @@ def process_device(requested: str | None):
 
     import torch
 
-    if requested is not None:
-        requested = resolve_device(requested)
     on_cpu = (requested or "").startswith("cpu") or (requested is None and not torch.cuda.is_available()) \
         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     device = torch.device(requested or ("cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"))

@@ -180,11 +180,7 @@ def main(argv=None) -> int:
     from .training import PRDTrainer, build_teachers, latest_checkpoint
     from .training.prd import ddp_kwargs
 
-    try:
-        device, use_cpu = cli.process_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device, use_cpu = cli.process_device(args.device)
     auto = torch.float16 if device.type == "cuda" else torch.float32
     teacher_dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     config = train_config(args)

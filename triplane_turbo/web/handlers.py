@@ -26,7 +26,7 @@ import gradio as gr
 from gradio.caching import CacheMissError
 
 from .models import ModelNotReadyError
-from .service import FirstLook, GenerationError, GenerationService, NoSurface, Stored
+from .service import FirstLook, GenerationError, GenerationService, Stored
 from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, HISTORY_SIZE, InputError, Settings,
                        inputs_from_link, settings_from_entry, settings_from_inputs, texture_label, variant_settings)
 from .store import Entry, checked_thumbnail, read_image, thumbnail_jpeg
