@@ -62,7 +62,8 @@ class AppServer:
     max_bytes: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -78,7 +79,7 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
     workdir, output_dir, tmpdir = root / "cwd", root / "outputs", root / "tmp"
     for folder in (workdir, tmpdir):
         folder.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
            "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +19,14 @@ from triplane_turbo import TriplaneTurboOutput
 from triplane_turbo.batch import (BatchSettings, PromptLine, RankManifest, line_seed, merge_manifest, output_name,
                                   pending_lines, read_prompts, read_records, run_batch)
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 #: Ten lines: a blank one, a duplicate, one far too long, non-Latin scripts and control characters.
 PROMPTS = ["a wooden chair", "", "a red sports car", "a wooden chair", "x" * 1500, "צפרדע ירוקה",
            "一只戴帽子的猫", "a lamp\x07 with a shade", "   ", "a teapot"]
 VALID = [1, 3, 4, 6, 7, 8, 10]  # the lines that can be generated
+
 
 
 def write_prompts(folder: Path) -> Path:
@@ -124,12 +126,6 @@ def run_module(args, cwd, env=None, launcher=()):
                    "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     return subprocess.Popen([*launcher, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def accelerate_batch(prompts: Path, out: Path, cwd: Path):

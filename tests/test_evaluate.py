@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +27,14 @@ from triplane_turbo.raster import rasterize
 from triplane_turbo.tiny import write_tiny_clip
 from triplane_turbo.training.antialias import antialias
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 #: Small, fast settings for the end-to-end tests (the protocol's cameras, smaller grids and pictures).
 FAST = dict(mesh_resolution=40, image_size=64)
 AWKWARD = ["a wooden chair", "a beagle in a detective's outfit", "a lion's mane jellyfish, highly detailed.",
            "一只戴帽子的猫"]
+
 
 
 @pytest.fixture(scope="module")
@@ -358,12 +360,6 @@ def test_compare_two_runs_of_different_seeds(tiny_pipe, tiny_clip, tmp_path, mon
     assert code == 0, err
     assert "4 shared prompts" in out
     assert (tmp_path / "cli" / "compare.md").read_text(encoding="utf-8") == table
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

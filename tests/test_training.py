@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +26,11 @@ from triplane_turbo.training.mesh import differentiable_mesh
 from triplane_turbo.training.recipes import RECIPES, TEACHER_MODULES, TeacherUnavailableError, teacher_class
 from triplane_turbo.triplane import TriplaneFields, sample_bilinear
 
+from .conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a wooden chair", "a red car"]
+
 
 
 def tiny_training_pipe(tiny_model_dir):
@@ -566,12 +568,6 @@ def test_prompts_from_text_files_json_libraries_and_hub_datasets(tmp_path):
     (tmp_path / "bad.json").write_text('{"val": []}')
     with pytest.raises(ValueError, match="'train' list"):
         read_prompts(tmp_path / "bad.json")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -49,22 +49,22 @@ class PromptLine:
     error: str | None = None
 
 
+def prompt_line(number: int, raw: str) -> PromptLine:
+    """One prompt as a batch line: cleaned (control characters removed, whitespace collapsed), or
+    with the reason it cannot be generated (over ``MAX_PROMPT_CHARS``, or nothing left)."""
+    prompt, _ = clean_text(raw)
+    if len(raw) > MAX_PROMPT_CHARS:
+        return PromptLine(number, prompt[:80] + "…", f"the prompt is {len(raw)} characters long; the limit is "
+                                                     f"{MAX_PROMPT_CHARS}")
+    if not prompt:
+        return PromptLine(number, "", "the prompt is empty once control characters are removed")
+    return PromptLine(number, prompt)
+
+
 def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
     """The prompt file's non-blank lines (UTF-8; undecodable bytes are replaced)."""
-    lines = []
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        prompt, _ = clean_text(raw)
-        if len(raw) > MAX_PROMPT_CHARS:
-            lines.append(PromptLine(number, prompt[:80] + "…", f"the line is {len(raw)} characters long; the limit "
-                                                                 f"is {MAX_PROMPT_CHARS}"))
-        elif not prompt:
-            lines.append(PromptLine(number, "", "the line holds only control characters"))
-        else:
-            lines.append(PromptLine(number, prompt))
-    return lines
+    return [prompt_line(number, raw) for number, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
 
 
 def line_seed(base_seed: int, line: int) -> int:
@@ -182,4 +182,4 @@ def make_record(item: PromptLine, base_seed: int, settings: BatchSettings, rank:
 
 
 __all__ = ["MANIFEST", "BatchSettings", "PromptLine", "RankManifest", "line_seed", "make_record", "merge_manifest",
-           "output_name", "pending_lines", "read_prompts", "read_records"]
+           "output_name", "pending_lines", "prompt_line", "read_prompts", "read_records"]

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from ..manifest import BatchSettings, PromptLine, read_prompts
-from ..inputs import MAX_PROMPT_CHARS, clean_text, validate_resolution, validate_texture_mode
+from ..inputs import validate_resolution, validate_texture_mode
+from ..manifest import BatchSettings, PromptLine, prompt_line, read_prompts
 
 #: The text CLIP reads for a prompt, by default: the authors' words with a space.
 DEFAULT_TEMPLATE = "A photo depicts {prompt}"
@@ -138,19 +138,10 @@ def dropped(prompt: str, settings: EvalSettings) -> bool:
 def prompt_lines(prompts: Sequence[str]) -> list[PromptLine]:
     """A list of prompts -> numbered ``PromptLine`` (1, 2, …), cleaned and checked as the batch
     command checks a file's lines (an empty or over-long prompt becomes an error line, not a crash)."""
-    lines = []
     for number, raw in enumerate(prompts, start=1):
         if not isinstance(raw, str):
             raise TypeError(f"prompt {number} is a {type(raw).__name__}, not a string")
-        prompt, _ = clean_text(raw)
-        if len(raw) > MAX_PROMPT_CHARS:
-            lines.append(PromptLine(number, prompt[:80] + "…", f"the prompt is {len(raw)} characters long; the "
-                                                                 f"limit is {MAX_PROMPT_CHARS}"))
-        elif not prompt:
-            lines.append(PromptLine(number, "", "the prompt is empty"))
-        else:
-            lines.append(PromptLine(number, prompt))
-    return lines
+    return [prompt_line(number, raw) for number, raw in enumerate(prompts, start=1)]
 
 
 def read_eval_prompts(path: str | os.PathLike, split: str = "test") -> list[PromptLine]:
