@@ -599,3 +599,24 @@ def test_bad_arguments_are_one_line(tmp_path):
     result = train(sys.executable, "-m", "triplane_turbo.train", "--tiny", "--teachers", "sd,clip", "--prompts",
                    "empty.txt", "--output", "run", "--steps", "1", cwd=tmp_path)
     assert result.returncode == 2 and "unknown teacher 'clip'" in result.stderr
+
+
+def test_the_trainer_evaluates_every_n_steps_with_the_evaluation_command_s_code(tmp_path, monkeypatch, capsys):
+    """--eval-every: the paper's CLIP score and R@1 (tiny CLIP here) logged and kept per step."""
+    import json
+
+    from triplane_turbo import train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a wooden chair\na red car\n")
+    (tmp_path / "eval.txt").write_text("a teapot\na lamp, with a shade\n")
+    assert train_cli.main(["--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--output", "run", "--steps", "2",
+                           "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every", "0",
+                           "--eval-every", "1", "--eval-prompts", "eval.txt", "-q"]) == 0
+    capsys.readouterr()
+    scores = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "clip_score" in r]
+    assert [r["step"] for r in scores] == [1, 2] and all(0 <= r["r_at_1"] <= 100 for r in scores)
+    for step in (1, 2):
+        metrics = json.loads((tmp_path / "run" / "eval" / f"step-{step:07d}" / "metrics.json").read_text())
+        assert metrics["info"]["step"] == step and metrics["prompts_evaluated"] == len(metrics["prompts"]) == 2
+        assert metrics["clip_score"] == pytest.approx(scores[step - 1]["clip_score"], abs=1e-3)

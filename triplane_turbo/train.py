@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; default 2)")
     parser.add_argument("--preview-every", type=int, default=500,
                         help="a preview picture every N optimiser steps (0: never)")
+    evaluation = parser.add_argument_group("evaluation (the paper's CLIP score and R@1, python -m triplane_turbo.evaluate)")
+    evaluation.add_argument("--eval-every", type=int, default=0,
+                            help="evaluate every N optimiser steps, into DIR/eval/step-<n>/ (0: never)")
+    evaluation.add_argument("--eval-prompts", type=Path, default=None,
+                            help="the evaluation's prompts: a text file or the authors' JSON library (its test list)")
+    evaluation.add_argument("--clip", default=None,
+                            help="CLIP model (default openai/clip-vit-base-patch32; --tiny: a tiny random one)")
     teach = parser.add_argument_group("teachers")
     teach.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                        help="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) + f" (default {DEFAULT_RECIPE})")
@@ -113,13 +120,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("image_size", "grid", "rays", "samples", "teacher_size"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')} must be at least 2")
-    for name in ("global_rays", "patch_rays", "importance_samples", "schedule_start", "warmup", "preview_every"):
+    for name in ("global_rays", "patch_rays", "importance_samples", "schedule_start", "warmup", "preview_every",
+                 "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     renderers = tuple(r.strip() for r in args.renderers.split(",") if r.strip())
     if not renderers or set(renderers) - {"mesh", "volume"}:
         parser.error("--renderers takes mesh, volume or both")
     args.renderers = renderers
+    if args.eval_every and args.eval_prompts is None:
+        parser.error("--eval-every needs --eval-prompts")
     if args.recipe and args.teachers:
         parser.error("--recipe and --teachers exclude each other")
     if args.teacher_weights and not args.teachers:
@@ -212,6 +222,7 @@ def main(argv=None) -> int:
             truncate_log(log, trainer.iteration)  # iterations after the checkpoint are done again
             print(f"resuming from {resume} (step {trainer.optimizer_steps})", file=sys.stderr)
     accelerator.init_trackers("prd", config=tracker_config(args, config))
+    evaluation = Evaluation(args, accelerator, scratch) if args.eval_every else None
     prompt_generator = torch.Generator()
     from tqdm.auto import tqdm
 
@@ -239,6 +250,8 @@ def main(argv=None) -> int:
                 image = save_preview(pipe, prompts[0], args.output / "previews" / f"step-{trainer.optimizer_steps:07d}.png",
                                      args)
                 log_image(accelerator, image, trainer.iteration)
+        if evaluation is not None and stepped and trainer.optimizer_steps % args.eval_every == 0:
+            evaluation.run(pipe, trainer, log)
         if stepped and (trainer.optimizer_steps % args.save_every == 0 or trainer.optimizer_steps == args.steps):
             checkpoint = trainer.save_state()
             if accelerator.is_main_process:
@@ -257,6 +270,41 @@ def main(argv=None) -> int:
     if scratch is not None:
         scratch.cleanup()
     return 0
+
+
+class Evaluation:
+    """The paper's evaluation every ``--eval-every`` optimiser steps, with the evaluation command's
+    code (``triplane_turbo.evaluation``): CLIP loaded once on the main process, meshes made and
+    rendered by every process, the scores logged (log.jsonl and the trackers) and kept under
+    DIR/eval/step-<n>/ (the generated meshes, as at inference: no learned background)."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, scratch):
+        from .evaluation import ClipScorer, EvalSettings
+
+        self.args, self.accelerator = args, accelerator
+        self.settings = EvalSettings(mesh_resolution=64, image_size=128) if args.tiny else EvalSettings()
+        self.clip = None
+        if accelerator.is_main_process:
+            source = args.clip
+            if source is None and args.tiny:
+                from .tiny import write_tiny_clip
+
+                source = write_tiny_clip(Path(scratch.name) / "clip")
+            self.clip = ClipScorer.from_pretrained(source, device=accelerator.device)
+
+    def run(self, pipe, trainer, log: Path) -> None:
+        from .evaluation import evaluate_pipeline
+
+        step = trainer.optimizer_steps
+        result = evaluate_pipeline(pipe, self.args.eval_prompts, self.args.output / "eval" / f"step-{step:07d}",
+                                   self.settings, self.clip, state=self.accelerator, info={"step": step})
+        if result is None:  # another process: the main one scores and logs
+            return
+        scores = {"eval/clip_score": result.clip_score, "eval/r_at_1": result.r_at_1, "eval/r_at_5": result.r_at_5}
+        self.accelerator.log(scores, step=trainer.iteration)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "iteration": trainer.iteration,
+                                     **{k.split("/")[1]: round(v, 4) for k, v in scores.items()}}) + "\n")
 
 
 def resolve_weights(args: argparse.Namespace, scratch):
