@@ -237,6 +237,8 @@ def _nearest_covered(covered: np.ndarray, distances: bool = False):
     return (nearest, distance) if distances else nearest
 
 
+#: Points per field query on a CPU during a bake (see ``bake_texture``).
+CPU_QUERY_POINTS = 2**14
 #: Texels beyond a chart's edge that get the colour field extended from the nearest triangle (the
 #: rest of the gutter copies nearest texels): bilinear lookups at the edge then blend true values.
 EXTENDED_TEXELS = 2.5
@@ -293,9 +295,12 @@ def bake_texture(fields: TriplaneFields, triplane: torch.Tensor, mesh: trimesh.T
                                owner=owner)
         points = layout.points(torch.from_numpy(vertices).to(device), torch.from_numpy(faces).to(device))
     triplane = triplane.to(device)
+    # on a CPU the queries go in cache-sized pieces whatever ``chunk`` allows (2^14 points: measured
+    # twice as fast as 2^18 on two cores)
+    step = min(chunk, CPU_QUERY_POINTS) if device.type == "cpu" else chunk
     with _stage(timings, "color", device):
         color = PlaneQuery.color(fields, triplane)
-        colors = torch.cat([color(p) for p in points.split(chunk)])
+        colors = torch.cat([color(p) for p in points.split(step)])
     with _stage(timings, "image", device):
         base_color = layout.image(colors.clamp(0, 1))
     normal = tangents = None
@@ -314,7 +319,8 @@ def bake_texture(fields: TriplaneFields, triplane: torch.Tensor, mesh: trimesh.T
             extra, uv_faces, tangents = split_by_corner(uv_faces, corner_tangents, len(uv))
             vmapping, uv = np.concatenate([vmapping, vmapping[extra]]), np.concatenate([uv, uv[extra]])
             sdf = PlaneQuery.sdf(fields, triplane)
-            normals = torch.cat([sdf_normals(fields, triplane, p, grid_spacing, query=sdf) for p in points.split(chunk)])
+            normals = torch.cat([sdf_normals(fields, triplane, p, grid_spacing, query=sdf)
+                                 for p in points.split(max(1, step // 4))])  # four probes per point
             encoded = _tangent_space(normals, layout, uv_faces, vertex_normals[vmapping], tangents)
             normal = layout.image(encoded * 0.5 + 0.5)
     return UVTexture(vmapping, uv_faces, uv, base_color, normal, tangents)
