@@ -173,7 +173,7 @@ def record(path: Path, result: dict) -> None:
     rows = [[result["date"][:10], result["commit"] or "–", result["machine"], result["device"], str(result["threads"]),
              str(row["faces"]), f"{row['size']}²", "yes" if row["normal_map"] else "no", row["unwrap"],
              f"{row['unwrap_s']:.3f}", f"{row['bake_s']:.3f}", f"{row['export_s']:.3f}", f"{row['total_s']:.3f}",
-             f"{row['color_error']:.5f}", str(row["charts"]), str(row["texels"]),
+             f"{row['color_error']:.3g}", str(row["charts"]), str(row["texels"]),
              "/".join(f"{row['stages'][key]:.3f}" for key in ("rasterize", "color", "normal", "image"))]
             for row in result["rows"]]
     add_rows(path, SECTION, INTRO, TABLE, rows)
