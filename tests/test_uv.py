@@ -131,3 +131,16 @@ def test_the_padding_holds_at_other_sizes(size):
         for lo_b, hi_b in boxes[i + 1:]:
             gap = np.maximum(lo_b - hi_a, lo_a - hi_b).max()
             assert gap >= 2 - 1e-3
+
+
+@pytest.mark.parametrize("setting", [("SPLIT_ROUNDS", 0), ("LARGE_OVERLAP_TEXELS", 10**9)])
+def test_the_other_ways_out_of_an_overlap_also_end_clean(monkeypatch, setting):
+    """Trimming the faces involved (what a small overlap gets), and the last resort of one chart per
+    face for a chart that still overlaps itself: both leave no texel covered twice."""
+    from triplane_turbo import uv
+
+    monkeypatch.setattr(uv, *setting)
+    mesh = spiral_ramp(1.5)
+    vmapping, faces, uv_coords, owner = box_unwrap(mesh.vertices, mesh.faces, SIZE, PADDING, return_owner=True)
+    chart = check_atlas(mesh, vmapping, faces, uv_coords, owner)
+    assert len(np.unique(chart)) > 20  # single faces came out of the folded chart

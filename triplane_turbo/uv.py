@@ -7,16 +7,22 @@ for those a projection is enough (Stable Fast 3D unwraps its meshes the same way
 
 1. each face picks one of the six axis directions ±x, ±y, ±z: the one its smoothed normal points
    most along, among those its own normal is within ``MAX_PROJECTION_ANGLE`` of (so that no
-   triangle flips or collapses in the projection), and a majority vote over its neighbours removes
-   the speckle that marching-cubes normals leave near 45°;
+   triangle flips or collapses in the projection); a majority vote over its neighbours removes the
+   speckle that marching-cubes normals leave near 45°, and tiny charts join a neighbour;
 2. charts are the connected groups of faces with the same direction (across shared edges), each
    projected orthographically onto the plane perpendicular to its direction (right-handed, so every
-   triangle keeps its winding in UV and the charts need no mirroring);
-3. charts are turned to their principal axes and shelf-packed, largest first, into one square at
-   the scale that fills it, with ``padding`` texels between charts at the bake size;
-4. the packed atlas is rasterised at the bake size counting coverage, and a chart whose projection
-   folds over itself (a spiral ramp, a curled ear) is split along its depth and the atlas packed
-   again, until no texel is covered twice.
+   triangle keeps its winding in UV and the charts need no mirroring); a face around a vertex whose
+   projected fan winds round twice (a marching-cubes sliver) becomes a chart of its own;
+3. charts are turned to their principal axes and shelf-packed, tallest first, into one square at
+   the largest scale that fits, with ``padding`` texels between charts at the bake size (all charts
+   at one scale: the texel density is uniform up to the projection's foreshortening);
+4. the packed atlas is rasterised at the bake size counting coverage; where a chart's projection
+   overlaps itself, the faces involved leave it (a rim folding over), or a chart overlapping on many
+   texels (a spiral ramp, a curled ear) is split along its depth, and the atlas is packed again,
+   until no texel is covered twice. The last rasterisation is the bake's.
+
+A surface too rough for charts (noise: their padding alone would not fit) gets one cell per
+triangle instead (``triangle_atlas``), in O(F) time.
 
 Everything is vectorised except the shelf packing's loop over charts (a few hundred on these
 meshes). Written by hand because no maintained library does projection unwrapping: xatlas is the
@@ -47,8 +53,8 @@ MAX_PROJECTION_ANGLE = 70.0
 VOTE_ROUNDS = 3
 #: Charts of fewer faces are merged into a neighbour where their faces allow it.
 CRUMB_FACES = 16
-#: Rounds of splitting self-overlapping charts; after the last, every face still involved is a chart
-#: of its own (a single triangle cannot overlap itself).
+#: Rounds of trimming or splitting self-overlapping charts; after these, every face of a chart that
+#: still overlaps itself becomes a chart of its own (a single triangle cannot overlap itself).
 SPLIT_ROUNDS = 6
 #: Snapping grid of the overlap check, 1/256 texel (see ``raster.rasterize_coverage``).
 ATLAS_SUBPIXEL_BITS = 8
@@ -108,7 +114,8 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
     isolated = _folded_fans(vertices, faces, labels, charts)
     if isolated.any():
         charts = _components(len(faces), pairs, np.where(isolated, -1 - np.arange(len(faces)), labels))
-    for attempt in range(SPLIT_ROUNDS + 2):
+    attempt = 0
+    while True:  # ends: every round takes faces out of overlapping charts, and a lone face cannot overlap
         vmapping, uv_faces, uv = _pack(vertices, faces, labels, charts, size, padding)
         uv = uv.astype(np.float32)
         xy, uv_faces_t = atlas_pixels(uv, size, device), torch.from_numpy(uv_faces).to(device)
@@ -131,8 +138,7 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
             isolated[culprits[~np.isin(charts[culprits], large)]] = True
         key = np.where(isolated, -1 - np.arange(len(faces)), labels * (splits.max() + 1) + splits)
         charts = _components(len(faces), pairs, key)
-    else:
-        raise AssertionError("single-face charts cannot overlap")  # unreachable: the last round isolates
+        attempt += 1
     out = (vmapping, uv_faces, uv)
     return (*out, owner) if return_owner else out
 
