@@ -29,8 +29,9 @@ Two simplifications, both on measure-zero cases: the reference splits a group fu
 of its triangles' projected tangents are exactly opposite (its default angular threshold is 180°),
 which is not done here; and a triangle that groups with anything takes the orientation of the
 first group whose flood fill reaches it (the reference's one order dependency), replaced here by
-the orientation of its first neighbour that has one, spreading outwards from the healthy triangles. ``tests/test_tangents.py`` checks this port against the
-WebAssembly build of the reference (npm ``mikktspace``, what three.js and glTF-Transform use).
+the orientation of its first neighbour that has one, spreading outwards from the healthy triangles.
+``tests/test_tangents.py`` checks this port against the WebAssembly build of the reference (npm
+``mikktspace``, what three.js and glTF-Transform use).
 
 Decoding, as viewers do (and as the baker inverts): with the vertex normal N and tangent T
 interpolated over the triangle, B = w · (N × T) and the shading normal is

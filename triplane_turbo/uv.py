@@ -119,7 +119,8 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
         vmapping, uv_faces, uv = _pack(vertices, faces, labels, charts, size, padding)
         uv = uv.astype(np.float32)
         xy, uv_faces_t = atlas_pixels(uv, size, device), torch.from_numpy(uv_faces).to(device)
-        owner, count = rasterize_coverage(xy, uv_faces_t, (size, size), counted="ccw", subpixel_bits=ATLAS_SUBPIXEL_BITS)
+        owner, count = rasterize_coverage(xy, uv_faces_t, (size, size), counted="ccw",
+                                          subpixel_bits=ATLAS_SUBPIXEL_BITS)
         overlap = count > 1
         if not bool(overlap.any()):
             break
@@ -228,7 +229,8 @@ def _project(vertices, faces, labels, charts):
     chart_label[charts] = labels
     label = chart_label[vertex_chart]
     points = vertices[vmapping]
-    local = np.stack([points[np.arange(len(points)), _U_AXIS[label]], points[np.arange(len(points)), _V_AXIS[label]]], 1)
+    rows = np.arange(len(points))
+    local = np.stack([points[rows, _U_AXIS[label]], points[rows, _V_AXIS[label]]], 1)
     return vmapping, inverse.reshape(-1, 3), local, vertex_chart
 
 
