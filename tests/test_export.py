@@ -37,6 +37,28 @@ def glb_json(path) -> dict:
     return json.loads(data[20 : 20 + chunk_length])
 
 
+_COMPONENTS = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
+_WIDTHS = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+
+def glb_accessors(path) -> dict[str, np.ndarray]:
+    """The primitive's vertex attributes (and "indices") of a one-mesh GLB, read straight from its
+    binary chunk: {name: [count, width] array} (normalised integers left as stored)."""
+    data = path.read_bytes()
+    tree = glb_json(path)
+    json_length = struct.unpack("<I", data[12:16])[0]
+    binary = data[20 + json_length + 8:]
+    (primitive,) = tree["meshes"][0]["primitives"]
+    out = {}
+    for name, index in {**primitive["attributes"], "indices": primitive["indices"]}.items():
+        accessor = tree["accessors"][index]
+        view = tree["bufferViews"][accessor["bufferView"]]
+        dtype, width = np.dtype(_COMPONENTS[accessor["componentType"]]), _WIDTHS[accessor["type"]]
+        start = view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
+        out[name] = np.frombuffer(binary, dtype, accessor["count"] * width, start).reshape(accessor["count"], width)
+    return out
+
+
 def reloaded_colors(path, file_format: str) -> np.ndarray:
     """[V, 4] uint8 colours read back from a written file."""
     if file_format == "glb":
@@ -115,18 +137,68 @@ def test_glb_material_is_not_metallic_and_has_vertex_colours(mesh, tmp_path):
     assert material.get("doubleSided", False) is False
 
     (primitive,) = tree["meshes"][0]["primitives"]
-    assert primitive["material"] == 0
+    assert primitive["material"] == 0 and primitive["mode"] == 4  # triangles
     color = tree["accessors"][primitive["attributes"]["COLOR_0"]]
     assert color["type"] == "VEC4" and color["componentType"] == 5121  # RGBA bytes
     assert color["normalized"] is True and color["count"] == len(mesh.vertices)
-    assert "NORMAL" not in primitive["attributes"]
 
 
-def test_uncoloured_mesh_gets_the_material_but_no_colours(mesh, tmp_path):
+def test_glb_carries_smooth_vertex_normals(mesh, tmp_path):
+    """Without NORMAL viewers shade every triangle flat; with the mesh's smooth normals (display
+    frame, unit length) the vertex-coloured GLB shades like the surface."""
+    path = export_mesh(mesh, tmp_path / "mesh.glb")
+    attributes = glb_accessors(path)
+    normals = attributes["NORMAL"].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(normals, to_display_frame(mesh.vertex_normals), atol=1e-6)
+    # outward: along the vertex's direction from the ellipsoid's centre
+    centre = to_display_frame(np.array([[0.3, -0.2, 0.1]]))
+    assert ((attributes["POSITION"] - centre) * normals).sum(1).min() > 0
+    np.testing.assert_array_equal(attributes["indices"].reshape(-1, 3), mesh.faces)
+
+
+def test_glb_buffer_views_have_targets_and_tight_aligned_accessors(mesh, tmp_path):
+    tree = glb_json(export_mesh(mesh, tmp_path / "mesh.glb"))
+    (primitive,) = tree["meshes"][0]["primitives"]
+    views = tree["bufferViews"]
+    for index in primitive["attributes"].values():
+        assert views[tree["accessors"][index]["bufferView"]]["target"] == 34962  # ARRAY_BUFFER
+    indices = tree["accessors"][primitive["indices"]]
+    assert views[indices["bufferView"]]["target"] == 34963 and indices["componentType"] == 5123  # 16-bit: few vertices
+    assert all(view["byteOffset"] % 4 == 0 and "byteStride" not in view for view in views)
+    position = tree["accessors"][primitive["attributes"]["POSITION"]]
+    display = to_display_frame(mesh.vertices).astype(np.float32)
+    assert position["min"] == display.min(0).tolist() and position["max"] == display.max(0).tolist()
+    assert tree["buffers"] == [{"byteLength": sum(-(-view["byteLength"] // 4) * 4 for view in views)}]
+
+
+def test_glb_with_many_vertices_uses_32_bit_indices(tmp_path):
+    grid = trimesh.creation.icosphere(subdivisions=7)  # 163842 vertices
+    tree = glb_json(export_mesh(grid, tmp_path / "big.glb"))
+    indices = tree["accessors"][tree["meshes"][0]["primitives"][0]["indices"]]
+    assert indices["componentType"] == 5125
+    np.testing.assert_array_equal(glb_accessors(tmp_path / "big.glb")["indices"].reshape(-1, 3), grid.faces)
+
+
+def test_png_textures_decode_to_the_image():
+    import io
+
+    from PIL import Image
+
+    from triplane_turbo.export import png_bytes
+
+    for shape in [(1, 1, 3), (7, 5, 3), (64, 48, 3)]:
+        image = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(image)))), image)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        png_bytes(np.zeros((4, 4, 4), np.uint8))
+
+
+def test_uncoloured_mesh_gets_the_material_and_normals_but_no_colours(mesh, tmp_path):
     plain = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     tree = glb_json(export_mesh(plain, tmp_path / "plain.glb"))
     assert tree["materials"][0]["pbrMetallicRoughness"]["metallicFactor"] == 0.0
-    assert set(tree["meshes"][0]["primitives"][0]["attributes"]) == {"POSITION"}
+    assert set(tree["meshes"][0]["primitives"][0]["attributes"]) == {"POSITION", "NORMAL"}
 
 
 def test_explicit_format_overrides_the_suffix(mesh, tmp_path):

@@ -160,3 +160,69 @@ def test_many_small_triangles_in_bounded_chunks(monkeypatch):
     # the front-most surface is drawn: z/w is the smaller of the two sphere depths
     covered = whole[0, ..., 3] > 0
     assert (whole[0, ..., 2][covered] <= 0.01).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# rasterize_coverage: flat triangles in pixel units, as UV atlases are rasterised for baking
+# -------------------------------------------------------------------------------------------------
+def pixel_xy(clip_xy, size):
+    """Clip coordinates [V, 2] -> the pixel frame rasterize_coverage reads (same float32 arithmetic)."""
+    return (torch.as_tensor(clip_xy, dtype=torch.float32) + 1) * 0.5 * size
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coverage_owner_and_count_match_rasterize(seed, monkeypatch):
+    """Random overlapping triangles (and slivers) at one depth: the owner is the lowest id that
+    ``rasterize`` draws, and the count is how many triangles cover each pixel, drawn one by one."""
+    from triplane_turbo import raster
+    from triplane_turbo.raster import rasterize_coverage
+
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(-1.1, 1.1, (60, 2))
+    points[50:53] = points[40:43] + rng.normal(0, 1e-3, (3, 2))  # near-degenerate triangles too
+    faces = torch.tensor(rng.integers(0, 60, (40, 3)))
+    size = (37, 53)
+    clip_xy = torch.tensor(points, dtype=torch.float32)
+    xy = torch.stack([(clip_xy[:, 0] + 1) * 0.5 * size[1], (clip_xy[:, 1] + 1) * 0.5 * size[0]], 1)
+    owner, count = rasterize_coverage(xy, faces, size)
+    expected = rasterize(clip(clip_xy), faces, size)[0, ..., 3].long() - 1
+    assert torch.equal(owner, expected)
+    one_by_one = sum((rasterize(clip(clip_xy), faces[i:i + 1], size)[0, ..., 3] > 0).int() for i in range(len(faces)))
+    assert torch.equal(count, one_by_one) and int(count.max()) >= 3
+    monkeypatch.setattr(raster, "PAIRS_PER_CHUNK", 5)  # chunking changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(rasterize_coverage(xy, faces, size), (owner, count)))
+
+
+def test_coverage_of_a_closed_fan_is_exactly_one():
+    from triplane_turbo.raster import rasterize_coverage
+
+    size = 32
+    ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 13)[:-1]), np.sin(np.linspace(0, 2 * np.pi, 13)[:-1])], 1)
+    xy = torch.tensor(np.concatenate([[[16.0, 16.0]], 16 + 12 * ring]))
+    faces = torch.tensor([[0, 1 + i, 1 + (i + 1) % 12] for i in range(12)])
+    owner, count = rasterize_coverage(xy, faces, (size, size))
+    assert int(count.max()) == 1 and int((count == 1).sum()) > 300
+    assert torch.equal(owner >= 0, count == 1)
+
+
+def test_coverage_snapping_and_winding():
+    """Two vertices a twentieth of a pixel apart: on the 1/16 grid the sliver between them flips and
+    its neighbours overlap by a pixel; on the 1/256 grid nothing does."""
+    from triplane_turbo.raster import rasterize_coverage, triangles_covering
+
+    # three triangles of a marching-cubes mesh in a box-projected atlas (texels 80-96, 220-236 of 1024²)
+    xy = torch.tensor([[8.5561676, 6.92593384], [9.39015961, 4.84587097], [12.41894531, 12.01960754],
+                       [12.46572113, 12.0383606], [14.52418518, 6.90432739]], dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2], [1, 4, 3]])  # all counter-clockwise, the middle one a sliver
+    owner, coarse = rasterize_coverage(xy, faces, (16, 16))
+    _, ccw = rasterize_coverage(xy, faces, (16, 16), counted="ccw")
+    _, fine = rasterize_coverage(xy, faces, (16, 16), subpixel_bits=8)
+    # snapped, the sliver turns clockwise over one pixel centre, and its neighbours overlap there
+    assert int(coarse.max()) == 3 and int((coarse > 1).sum()) == 1
+    assert triangles_covering(xy, faces, coarse > 1).tolist() == [0, 1, 2] and int(owner[coarse > 1]) == 0
+    assert int(ccw.max()) == 2 and torch.equal(ccw > 1, coarse > 1)  # the clockwise sliver not counted
+    assert int(fine.max()) == 1 and torch.equal(fine > 0, coarse > 0)
+    with pytest.raises(ValueError, match="counted"):
+        rasterize_coverage(xy, faces, (8, 8), counted="cw")
+    with pytest.raises(ValueError, match="subpixel_bits"):
+        rasterize_coverage(xy, faces, (8, 8), subpixel_bits=0)

@@ -6,22 +6,29 @@ viewer looking down -Z sees it (the glTF convention). The map is a cyclic permut
 a proper rotation, so triangle winding (outward normals) is kept.
 
 With a baked ``texture.UVTexture``: GLB embeds it (PNG base colour, and the normal map if there is
-one) in a non-metallic PBR material; OBJ is written as ``name.obj`` + ``name.mtl`` + ``name.png``.
-PLY keeps vertex colours; STL is geometry only. Vertex colours in a GLB's COLOR_0 are converted
-from the colour field's sRGB values to linear, as glTF defines that attribute.
+one, with the MikkTSpace tangents it was baked against as TANGENT) in a non-metallic PBR material;
+OBJ is written as ``name.obj`` + ``name.mtl`` + ``name.png``. PLY keeps vertex colours; STL is
+geometry only. Vertex colours in a GLB's COLOR_0 are converted from the colour field's sRGB values
+to linear, as glTF defines that attribute, and come with smooth vertex normals.
+
+GLBs are written here (``glb_bytes``) rather than by trimesh, whose writer can put neither a
+TANGENT attribute nor bufferView targets into a file; the result passes the Khronos glTF validator
+with no errors, warnings or hints (``tests/test_gltf_validator.py``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
+import struct
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import trimesh
-from trimesh.exchange.gltf import export_glb
 from trimesh.exchange.obj import export_obj
 from trimesh.exchange.ply import export_ply
 from trimesh.exchange.stl import export_stl
@@ -62,28 +69,177 @@ def linear_vertex_colors(colors: np.ndarray) -> np.ndarray:
     return linear
 
 
-def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None) -> bytes:
-    """Encodes a vertex-coloured GLB whose material renders the colours, not a dark metal.
+#: zlib level of the PNG textures. Measured on a baked 1024² texture: level 1 writes 0.58 MB in 20 ms;
+#: level 6 writes 0.44 MB in 150 ms (the gutters are flat and compress well either way).
+PNG_COMPRESS_LEVEL = 1
+#: The material's roughness (a matte, non-metallic surface: the colour field has the lighting baked in).
+ROUGHNESS = 0.9
 
-    A ColorVisuals mesh is written without a material, so glTF's default one applies
-    (metallicFactor = 1) and viewers show the object almost black. A white, non-metallic PBR
-    material multiplied by COLOR_0 shows the colours as they are; COLOR_0 holds them in linear
-    light, as glTF defines it (the colour field gives display sRGB values). They are 8-bit (trimesh
-    writes colour attributes as bytes), so the darkest tones band; the textured GLB has no such loss.
+# glTF enums
+_FLOAT, _UNSIGNED_BYTE, _UNSIGNED_SHORT, _UNSIGNED_INT = 5126, 5121, 5123, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
+
+
+def png_bytes(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """[H, W, 3] uint8 RGB -> PNG file bytes (8 bits per channel, every row with the "Up" filter).
+
+    Written by hand because Pillow's encoder takes 2.5x as long for the same size (50 ms for a 1024²
+    texture at level 1: it picks a filter row by row); one filter for all rows and one zlib call
+    take 20 ms. The "Up" filter (each byte minus the byte above) suits smooth textures with flat
+    gutters best of the five (measured: 0.58 MB against 0.64 MB for "Sub" and 0.82 MB unfiltered).
     """
-    material = trimesh.visual.material.PBRMaterial(
-        baseColorFactor=[255, 255, 255, 255],
-        metallicFactor=0.0,
-        roughnessFactor=0.9,
-        doubleSided=False,
-    )
-    visual = trimesh.visual.TextureVisuals(material=material)
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] image, got {list(image.shape)}")
+    height, width, _ = image.shape
+    rows = image.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # "Up"; the first row's prior row is zeros, so it is stored as is
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), level))
+            + chunk(b"IEND", b""))
+
+
+def glb_bytes(positions: np.ndarray, faces: np.ndarray, *, normals: np.ndarray | None = None,
+              uv: np.ndarray | None = None, tangents: np.ndarray | None = None, colors: np.ndarray | None = None,
+              base_color: bytes | None = None, normal_map: bytes | None = None,
+              roughness: float = ROUGHNESS) -> bytes:
+    """One mesh as a binary glTF 2.0 file: one node, one triangle primitive, one non-metallic material.
+
+    Args:
+        positions: [V, 3] display-frame positions.
+        faces: [F, 3] counter-clockwise vertex indices.
+        normals: [V, 3] unit vertex normals (NORMAL).
+        uv: [V, 2] texture coordinates with v up (trimesh's convention; flipped into glTF's v down).
+        tangents: [V, 4] unit tangents and bitangent signs (TANGENT; needs ``normals``).
+        colors: [V, 4] uint8 RGBA in linear light (COLOR_0), multiplied into the base colour.
+        base_color, normal_map: PNG bytes of the base colour (sRGB) and tangent-space normal map
+            (both read through ``uv``).
+        roughness: the material's roughness factor.
+    Returns:
+        The GLB file's bytes. Every accessor is tightly packed in its own 4-byte-aligned bufferView
+        with its target set; images are embedded; the sampler clamps at the atlas's borders.
+    """
+    positions = np.asarray(positions, dtype=np.float32)
+    faces = np.asarray(faces)
+    views, accessors, chunks = [], [], []
+    offset = 0
+
+    def view(data: bytes, target: int | None = None) -> int:
+        nonlocal offset
+        entry = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
+        if target is not None:
+            entry["target"] = target
+        views.append(entry)
+        padded = data + b"\0" * (-len(data) % 4)  # every view starts 4-byte aligned
+        chunks.append(padded)
+        offset += len(padded)
+        return len(views) - 1
+
+    def accessor(array: np.ndarray, kind: str, component: int, target: int, **extra) -> int:
+        accessors.append({"bufferView": view(np.ascontiguousarray(array).tobytes(), target), "componentType": component,
+                          "count": int(array.shape[0]), "type": kind, **extra})
+        return len(accessors) - 1
+
+    attributes = {"POSITION": accessor(positions, "VEC3", _FLOAT, _ARRAY_BUFFER,
+                                       min=[float(x) for x in positions.min(0)],
+                                       max=[float(x) for x in positions.max(0)])}
+    if normals is not None:
+        attributes["NORMAL"] = accessor(np.asarray(normals, np.float32), "VEC3", _FLOAT, _ARRAY_BUFFER)
+    if tangents is not None:
+        attributes["TANGENT"] = accessor(np.asarray(tangents, np.float32), "VEC4", _FLOAT, _ARRAY_BUFFER)
+    if uv is not None:
+        flipped = np.asarray(uv, np.float64).copy()
+        flipped[:, 1] = 1 - flipped[:, 1]
+        attributes["TEXCOORD_0"] = accessor(flipped.astype(np.float32), "VEC2", _FLOAT, _ARRAY_BUFFER)
     if colors is not None:
-        # trimesh's glTF exporter writes vertex_attributes["color"] as COLOR_0 next to the
-        # material of a TextureVisuals mesh.
-        visual.vertex_attributes["color"] = linear_vertex_colors(colors)
-    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
-    return export_glb(mesh, include_normals=False)
+        attributes["COLOR_0"] = accessor(np.asarray(colors, np.uint8), "VEC4", _UNSIGNED_BYTE, _ARRAY_BUFFER,
+                                         normalized=True)
+    # 16-bit indices when they fit (the largest value of a type is reserved for primitive restart)
+    index_type, component = (np.uint16, _UNSIGNED_SHORT) if len(positions) < 65535 else (np.uint32, _UNSIGNED_INT)
+    indices = accessor(faces.reshape(-1).astype(index_type), "SCALAR", component, _ELEMENT_ARRAY_BUFFER)
+
+    pbr = {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": float(roughness)}
+    material = {"pbrMetallicRoughness": pbr, "doubleSided": False}
+    tree = {"asset": {"version": "2.0", "generator": "TriplaneTurbo"}, "scene": 0, "scenes": [{"nodes": [0]}],
+            "nodes": [{"mesh": 0}],
+            "meshes": [{"primitives": [{"attributes": attributes, "indices": indices, "material": 0, "mode": 4}]}],
+            "materials": [material]}
+    images = [png for png in (base_color, normal_map) if png is not None]
+    if images:
+        tree["images"] = [{"bufferView": view(png), "mimeType": "image/png"} for png in images]
+        tree["samplers"] = [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
+                             "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}]
+        tree["textures"] = [{"sampler": 0, "source": i} for i in range(len(images))]
+        if base_color is not None:
+            pbr["baseColorTexture"] = {"index": 0}
+        if normal_map is not None:
+            material["normalTexture"] = {"index": len(images) - 1}
+    tree["accessors"], tree["bufferViews"] = accessors, views
+    binary = b"".join(chunks)
+    tree["buffers"] = [{"byteLength": len(binary)}]
+    text = json.dumps(tree, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 4)  # the JSON chunk is padded with spaces, the binary one with zeros
+    return b"".join([struct.pack("<4sII", b"glTF", 2, 12 + 8 + len(text) + 8 + len(binary)),
+                     struct.pack("<I4s", len(text), b"JSON"), text, struct.pack("<I4s", len(binary), b"BIN\0"), binary])
+
+
+def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None) -> bytes:
+    """A vertex-coloured (or plain) GLB whose material renders the colours, not a dark metal.
+
+    Without a material glTF's default one applies (metallicFactor = 1) and viewers show the object
+    almost black: the white, non-metallic material multiplied by COLOR_0 shows the colours as they
+    are; COLOR_0 holds them in linear light, as glTF defines it (the colour field gives display sRGB
+    values). They are 8-bit, so the darkest tones band; the textured GLB has no such loss. Smooth
+    vertex normals come with it: without NORMAL viewers shade every triangle flat.
+    """
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    normals = _unit_normals(np.asarray(mesh.vertex_normals, dtype=np.float64))
+    return glb_bytes(vertices, faces, normals=normals,
+                     colors=linear_vertex_colors(colors) if colors is not None else None)
+
+
+def _textured_glb_bytes(display: trimesh.Trimesh, texture: UVTexture) -> bytes:
+    """The GLB of a display-frame mesh with its baked texture (split along the UV seams)."""
+    tangents = None
+    if texture.normal is not None and texture.tangents is not None:
+        tangents = np.array(texture.tangents, dtype=np.float64)
+        tangents[:, :3] = to_display_frame(tangents[:, :3])  # a rotation: the handedness w is kept
+    normals = texture.vertex_normals(display)
+    if tangents is not None:
+        tangents = _valid_tangents(tangents, normals)
+    return glb_bytes(np.asarray(display.vertices)[texture.vmapping], texture.faces, normals=_unit_normals(normals),
+                     uv=texture.uv, tangents=tangents, base_color=png_bytes(texture.base_color),
+                     normal_map=png_bytes(texture.normal) if texture.normal is not None else None)
+
+
+def _unit_normals(normals: np.ndarray) -> np.ndarray:
+    """[V, 3] float32 unit normals; a zero normal (a vertex of degenerate faces only) becomes +Y, as
+    glTF requires unit length."""
+    normals = np.asarray(normals, dtype=np.float64)
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    return np.where(length > 1e-12, normals / np.where(length > 0, length, 1), [0.0, 1.0, 0.0]).astype(np.float32)
+
+
+def _valid_tangents(tangents: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """[V, 4] float32 tangents of unit length and w = ±1, as glTF requires: MikkTSpace leaves a zero
+    tangent where a vertex has no texture area around it; any unit vector across its normal does."""
+    xyz = tangents[:, :3]
+    length = np.linalg.norm(xyz, axis=1, keepdims=True)
+    normals = np.asarray(normals, dtype=np.float64)
+    helper = np.where(np.abs(normals[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
+    fallback = np.cross(normals, helper)
+    fallback /= np.maximum(np.linalg.norm(fallback, axis=1, keepdims=True), 1e-12)
+    xyz = np.where(length > 1e-6, xyz / np.where(length > 0, length, 1), fallback)
+    w = np.where(tangents[:, 3:] < 0, -1.0, 1.0)
+    return np.concatenate([xyz, w], axis=1).astype(np.float32)
 
 
 def _obj_files(mesh: trimesh.Trimesh, name: str, texture: UVTexture | None) -> dict[str, bytes]:
@@ -96,19 +252,17 @@ def _obj_files(mesh: trimesh.Trimesh, name: str, texture: UVTexture | None) -> d
         # Vertex colours go on the "v x y z r g b" lines; no .mtl is produced.
         text = export_obj(mesh, include_normals=False, include_color=True, include_texture=False, resolver=None)
         return {f"{name}.obj": text.encode("utf-8")}
-    from PIL import Image
 
     side = "_".join(name.split())
     textured = texture.textured_mesh(mesh)
     text = export_obj(textured, include_normals=False, include_color=False, include_texture=True,
                       return_texture=True, mtl_name=f"{side}.mtl")[0]
-    png = io.BytesIO()
-    Image.fromarray(texture.base_color).save(png, format="PNG")
+    png = png_bytes(texture.base_color)
     # Written here rather than taken from trimesh: its .mtl names the image "material_0.png" and
     # sets a grey ambient and a specular term that DCC tools then add to the texture.
     mtl = (f"# TriplaneTurbo: base colour baked from the colour field (sRGB)\nnewmtl material_0\n"
            f"Ka 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\nillum 1\nmap_Kd {side}.png\n")
-    return {f"{name}.obj": text.encode("utf-8"), f"{side}.mtl": mtl.encode("utf-8"), f"{side}.png": png.getvalue()}
+    return {f"{name}.obj": text.encode("utf-8"), f"{side}.mtl": mtl.encode("utf-8"), f"{side}.png": png}
 
 
 def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
@@ -138,7 +292,7 @@ def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
     )
     if file_format == "glb":
         if texture is not None:
-            return {f"{name}.glb": export_glb(texture.textured_mesh(display), include_normals=True)}
+            return {f"{name}.glb": _textured_glb_bytes(display, texture)}
         return {f"{name}.glb": _glb_bytes(display.vertices, display.faces, colors)}
     if file_format == "obj":
         return _obj_files(display, name, texture)

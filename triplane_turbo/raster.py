@@ -8,6 +8,10 @@ One small interface, two back-ends that compute the same thing:
   ``1 - u - v`` that of ``faces[t, 2]``.
 * ``interpolate(attributes, rast, faces)`` -> [B, H, W, C], the attributes blended with those weights
   (zero where nothing was drawn).
+* ``rasterize_coverage(xy, faces, (H, W))`` -> (owner [H, W], count [H, W]): flat triangles in pixel
+  coordinates, no depth; which triangle covers each pixel centre and how many do (a UV atlas
+  rasterised for texture baking, where a count above one means overlapping charts). Same coverage
+  rules as ``rasterize``; torch only, on any device.
 
 Conventions (nvdiffrast's): pixel (column x, row y) samples clip coordinates
 ``(2(x + 0.5)/W − 1, 2(y + 0.5)/H − 1)``, so **row 0 is the bottom** (clip y = −1) — flip rows to get
@@ -189,6 +193,113 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
         rast[drawn, 2] = depth.float()
         rast[drawn, 3] = (tri + 1).float()
     return rast.reshape(height, width, 4)
+
+
+def rasterize_coverage(xy: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], counted: str = "all",
+                       subpixel_bits: int = SUBPIXEL_BITS):
+    """Flat triangles, given in pixel units, rasterised without depth.
+
+    Pixel (column c, row r) samples the point (c + 0.5, r + 0.5) of ``xy``'s frame; coverage follows
+    ``rasterize`` exactly (1/16-pixel snapping, top-left rule), so ``owner`` equals the triangle ids
+    ``rasterize`` draws for the same triangles at one depth. A finer ``subpixel_bits`` snaps less:
+    a UV atlas checked for overlaps uses 8 (1/256 pixel), since two vertices of a marching-cubes
+    sliver a twentieth of a texel apart can swap sides on the 1/16 grid, and the snapped triangles
+    then overlap where the layout does not.
+
+    Args:
+        xy: [V, 2] vertex positions in pixels (x along columns, y along rows).
+        faces: [F, 3] vertex indices.
+        resolution: (height, width).
+        counted: which triangles ``count`` counts: "all", or "ccw", those that stay counter-clockwise
+            (positive area in this frame) after snapping. A UV atlas whose triangles are all
+            counter-clockwise counts "ccw": a sliver thinner than the snapping grid can flip and then
+            covers a neighbour's pixels, which is no overlap of the layout.
+        subpixel_bits: vertices snap to 1/2^bits pixel (1 to 10).
+    Returns:
+        owner [H, W] int64: the lowest id of the triangles covering the pixel centre, -1 where none;
+        count [H, W] int32: how many (counted) triangles cover it: more than one only where
+        triangles overlap.
+    """
+    if counted not in ("all", "ccw"):
+        raise ValueError(f"counted must be 'all' or 'ccw', got {counted!r}")
+    if not 1 <= subpixel_bits <= 10:  # keeps every edge function below 2^53 for 4096-pixel images
+        raise ValueError(f"subpixel_bits must be in 1..10, got {subpixel_bits}")
+    height, width = int(resolution[0]), int(resolution[1])
+    device = xy.device
+    owner = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    count = torch.zeros(height * width, dtype=torch.int32, device=device)
+    for tri, pixel, ccw in _covered_pixels(xy, faces, height, width, subpixel_bits):
+        owner.scatter_reduce_(0, pixel, tri, reduce="amin")
+        count.scatter_add_(0, pixel, ccw.int() if counted == "ccw" else torch.ones_like(pixel, dtype=torch.int32))
+    owner = torch.where(count > 0, owner, torch.full_like(owner, -1))
+    return owner.reshape(height, width), count.reshape(height, width)
+
+
+def triangles_covering(xy: torch.Tensor, faces: torch.Tensor, pixels: torch.Tensor,
+                       subpixel_bits: int = SUBPIXEL_BITS) -> torch.Tensor:
+    """The ids (sorted, unique) of the triangles that cover any pixel centre where ``pixels`` [H, W]
+    (bool) is set; same frame and rules as ``rasterize_coverage``."""
+    height, width = pixels.shape
+    wanted = pixels.reshape(-1)
+    found = [tri[wanted[pixel]] for tri, pixel, _ in _covered_pixels(xy, faces, height, width, subpixel_bits)]
+    return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.long, device=xy.device)
+
+
+def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: int, subpixel_bits: int):
+    """Yields (triangle [N], pixel [N], counter-clockwise [N] bool) for every covered pixel centre
+    (flat pixel index, row-major; the winding is the snapped triangle's).
+
+    Scanline form of ``rasterize``'s coverage test: each edge is an integer linear function of the
+    pixel's column and row, with the top-left rule folded into its constant (an edge function is an
+    integer, so "> 0, or = 0 on a top or left edge" becomes ">= 1", or ">= 0" on a top or left edge).
+    On each row of a triangle's bounding box the three inequalities bound the covered columns, found
+    by exact integer division; only covered pixels are ever listed.
+    """
+    if len(faces) == 0:
+        return
+    scale = 1 << subpixel_bits
+    snapped = torch.round(xy.double() * scale).to(torch.int64)
+    faces = faces.to(device=xy.device, dtype=torch.long)
+    x, y = snapped[:, 0][faces], snapped[:, 1][faces]  # [F, 3] each, in 1/scale pixel
+    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
+    sign = torch.sign(area)[:, None]
+    # edge k runs from corner k+1 to corner k+2 (the edge opposite corner k); interior positive
+    ax, ay = x[:, [1, 2, 0]], y[:, [1, 2, 0]]
+    dx, dy = (x[:, [2, 0, 1]] - ax) * sign, (y[:, [2, 0, 1]] - ay) * sign
+    top_left = (dy < 0) | ((dy == 0) & (dx > 0))
+    # e = dx (sy - ay) - dy (sx - ax) at the centre sx = scale (c + 1/2), sy = scale (r + 1/2):
+    # per_column · c + per_row · r + constant
+    per_column, per_row = -dy * scale, dx * scale
+    constant = dx * (scale // 2 - ay) - dy * (scale // 2 - ax) - (~top_left).long()
+    first_x = torch.div(x.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, width)
+    last_x = torch.div(x.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, width - 1)
+    first_y = torch.div(y.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, height)
+    last_y = torch.div(y.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, height - 1)
+    spans_x, spans_y = (last_x - first_x + 1).clamp(min=0), (last_y - first_y + 1).clamp(min=0)
+    triangles = ((area != 0) & (spans_x > 0) & (spans_y > 0)).nonzero().squeeze(1)
+    # (triangle, row) pairs, in chunks whose bounding-box pixels stay bounded
+    for chunk in _chunks(triangles, (spans_x * spans_y)[triangles], PAIRS_PER_CHUNK):
+        rows_per = spans_y[chunk]
+        tri = torch.repeat_interleave(chunk, rows_per)
+        starts = torch.cumsum(rows_per, 0) - rows_per
+        row = first_y[tri] + torch.arange(len(tri), device=tri.device) - torch.repeat_interleave(starts, rows_per)
+        lo, hi = first_x[tri], last_x[tri]
+        a = per_column[tri]  # [P, 3]
+        t = per_row[tri] * row[:, None] + constant[tri]  # the edge functions are a · column + t >= 0
+        safe = torch.where(a == 0, torch.ones_like(a), a)
+        lower = -torch.div(t, safe, rounding_mode="floor")  # a > 0: column >= ceil(-t / a)
+        upper = torch.div(t, -safe, rounding_mode="floor")  # a < 0: column <= floor(t / -a)
+        lower = torch.where(a > 0, lower, torch.full_like(lower, -1))
+        upper = torch.where(a < 0, upper, torch.full_like(upper, width))
+        upper = torch.where((a == 0) & (t < 0), torch.full_like(upper, -1), upper)  # parallel edge, row outside
+        # (three columns combined elementwise: torch's reductions over a dimension of 3 are slow)
+        lo = torch.maximum(torch.maximum(lo, lower[:, 0]), torch.maximum(lower[:, 1], lower[:, 2]))
+        hi = torch.minimum(torch.minimum(hi, upper[:, 0]), torch.minimum(upper[:, 1], upper[:, 2]))
+        count = (hi - lo + 1).clamp(min=0)
+        pixel_tri = torch.repeat_interleave(tri, count)
+        offsets = torch.cumsum(count, 0) - count
+        column = torch.repeat_interleave(lo - offsets, count) + torch.arange(len(pixel_tri), device=tri.device)
+        yield pixel_tri, torch.repeat_interleave(row, count) * width + column, area[pixel_tri] > 0
 
 
 def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):
