@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from triplane_turbo import export, texture
+    from triplane_turbo import export, texels, texture
     from triplane_turbo.isosurface import simplify
 
     if args.threads:
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                     glb = export.encode_mesh(mesh, "glb", "bench", texture=baked)["bench.glb"]
                     runs.append(dict(stages, bake_s=middle - start, export_s=time.perf_counter() - middle))
                 median = {key: statistics.median(run.get(key, 0.0) for run in runs) for key in runs[0]}
-                mask, _, _ = texture.texel_samples(torch.from_numpy(baked.uv).to(args.device),
+                mask, _, _ = texels.texel_samples(torch.from_numpy(baked.uv).to(args.device),
                                                    torch.from_numpy(baked.faces).to(args.device), size)
                 row = dict(faces=len(mesh.faces), size=size, normal_map=args.normal_map, unwrap=method,
                            unwrap_s=median["unwrap"], bake_s=median["bake_s"], export_s=median["export_s"],

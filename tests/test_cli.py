@@ -13,7 +13,7 @@ import pytest
 import trimesh
 
 from triplane_turbo import __main__ as generate_cli
-from triplane_turbo import batch, train
+from triplane_turbo import batch, evaluate, train
 
 from .conftest import FIXTURE_A
 
@@ -111,10 +111,11 @@ def test_loading_errors_are_one_line_not_a_traceback(tmp_path, monkeypatch, caps
 # One option set for every command
 # ---------------------------------------------------------------------------------------------
 SHARED = ("--base-model", "--adapter", "--tiny", "--device", "--dtype", "--resolution", "--texture",
-          "--texture-size", "--faces")
+          "--texture-size", "--unwrap", "--faces")
 PARSERS = {"generate": (generate_cli.build_parser, ["a chair"]),
            "batch": (batch.build_parser, ["prompts.txt", "--out", "o"]),
-           "train": (train.build_parser, ["--prompts", "p.txt", "--steps", "1", "--output", "o"])}
+           "train": (train.build_parser, ["--prompts", "p.txt", "--steps", "1", "--output", "o"]),
+           "evaluate": (evaluate.build_parser, ["--prompts", "p.txt", "--out", "o"])}
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

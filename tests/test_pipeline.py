@@ -45,6 +45,28 @@ def test_vertex_colours_only(tiny_pipe):
         tiny_pipe("a chair", seed=1, mesh_resolution=RES, texture_size=8192)
 
 
+def test_every_option_is_checked_before_the_networks_run(tiny_pipe, monkeypatch):
+    """A bad option fails at once: no stage has run (the text encoder is the first)."""
+    calls = []
+    monkeypatch.setattr(tiny_pipe, "encode_prompt", lambda *a, **k: calls.append(a))
+    for options, message in ((dict(unwrap="uvatlas"), "unwrap must be one of"),
+                             (dict(target_faces=3), "target_faces must be between"),
+                             (dict(remove_floaters_below=2.0), "fraction between 0 and 1"),
+                             (dict(texture="png"), "texture must be one of"),
+                             (dict(mesh_resolution=7), "mesh resolution must be between")):
+        with pytest.raises(ValueError, match=message):
+            tiny_pipe("a chair", seed=1, **options)
+    assert calls == []
+
+
+def test_both_unwraps_through_the_pipeline(tiny_pipe):
+    fast = tiny_pipe("a chair", seed=2, mesh_resolution=RES, texture_size=128)
+    xatlas = tiny_pipe("a chair", seed=2, mesh_resolution=RES, texture_size=128, unwrap="xatlas")
+    np.testing.assert_array_equal(fast.meshes[0].faces, xatlas.meshes[0].faces)
+    a, b = fast.textures[0].uv, xatlas.textures[0].uv
+    assert a.shape != b.shape or not np.array_equal(a, b)  # two different atlases
+
+
 def test_seed_reproduces_and_differs(tiny_pipe):
     a = tiny_pipe("a wooden chair", seed=11, mesh_resolution=RES)
     b = tiny_pipe("a wooden chair", seed=11, mesh_resolution=RES)

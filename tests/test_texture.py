@@ -13,9 +13,9 @@ from triplane_turbo.export import export_mesh, to_display_frame
 from triplane_turbo.isosurface import simplify
 from triplane_turbo.raster import rasterize_coverage
 from triplane_turbo.tangents import mikktspace
-from triplane_turbo.texture import (PlaneQuery, _texel_layout, atlas_owner, bake_texture, fill_gutters,
-                                    rasterize_atlas, sdf_normals, texel_samples, triangle_atlas, unwrap, vertex_colors)
-from triplane_turbo.triplane import TriplaneFields
+from triplane_turbo.texels import atlas_owner, fill_gutters, rasterize_atlas, texel_layout, texel_samples
+from triplane_turbo.texture import bake_texture, sdf_normals, triangle_atlas, unwrap, vertex_colors
+from triplane_turbo.triplane import PlaneQuery, TriplaneFields
 
 from .test_export import glb_accessors, glb_json
 from .test_tangents import needs_reference, reference_mikktspace
@@ -334,5 +334,5 @@ def test_the_bake_on_cuda_matches_the_cpu(chair):
     np.testing.assert_array_equal(cpu.uv, gpu.uv)
     assert np.abs(cpu.base_color.astype(int) - gpu.base_color).max() <= 1
     assert np.abs(cpu.normal.astype(int) - gpu.normal).mean() < 0.05
-    layout = _texel_layout(torch.tensor(cpu.uv, device="cuda"), torch.tensor(cpu.faces, device="cuda"), SIZE)
+    layout = texel_layout(torch.tensor(cpu.uv, device="cuda"), torch.tensor(cpu.faces, device="cuda"), SIZE)
     assert layout.mask.is_cuda and int(layout.mask.sum()) > 0

@@ -20,7 +20,7 @@ from triplane_turbo.adapter import adapter_parameters
 from triplane_turbo.checkpoint import read_checkpoint
 from triplane_turbo.training import (Adan, FixedImageTeacher, LearnedBackground, MeshRenderer, NeuSRenderer, PRDTrainer,
                                      StableDiffusionTeacher, Teacher, TrainConfig, VolumeConfig, sample_cameras)
-from triplane_turbo.training.antialias import antialias, edge_neighbours
+from triplane_turbo.antialias import antialias, edge_neighbours
 from triplane_turbo.training.config import TINY_TRAINING, BackgroundConfig, CameraConfig, MeshConfig, OptimizerConfig
 from triplane_turbo.training.mesh import differentiable_mesh
 from triplane_turbo.training.recipes import RECIPES, TEACHER_MODULES, TeacherUnavailableError, teacher_class

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")
         start = time.perf_counter()
         result = pipe(args.prompt, seed=args.seed, num_steps=args.steps, mesh_resolution=args.resolution,
-                      target_faces=args.faces, texture=args.texture, texture_size=args.texture_size)
+                      target_faces=args.faces, texture=args.texture, texture_size=args.texture_size, unwrap=args.unwrap)
         generate_s = time.perf_counter() - start
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

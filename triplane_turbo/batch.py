@@ -98,7 +98,8 @@ class _Finisher:
         try:
             if triplane is not None:
                 (texture,) = self.pipe.mesher.bake_textures(triplane, [mesh], self.settings.texture_size,
-                                                            normal_map=bool(self.settings.target_faces))
+                                                            normal_map=bool(self.settings.target_faces),
+                                                            unwrap=self.settings.unwrap)
             name = output_name(item.line, item.prompt, seed, self.settings)
             export_mesh(mesh, self.out_dir / name, self.settings.file_format, texture=texture)
         except Exception as exc:  # noqa: BLE001 - one bad mesh must not stop the run
@@ -145,7 +146,8 @@ def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSetti
                     warnings.simplefilter("ignore")  # truncation and empty-surface warnings become records
                     out = pipe([i.prompt for i in chunk], seed=seeds, mesh_resolution=settings.mesh_resolution,
                                texture="vertex" if finisher.deferred else settings.texture,
-                               texture_size=settings.texture_size, target_faces=settings.target_faces)
+                               texture_size=settings.texture_size, target_faces=settings.target_faces,
+                               unwrap=settings.unwrap)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
                 import torch
 
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     state = PartialState(cpu=use_cpu)
-    settings = BatchSettings(args.resolution, args.format, args.texture, args.texture_size, args.faces)
+    settings = BatchSettings(args.resolution, args.format, args.texture, args.texture_size, args.faces, args.unwrap)
     lines = read_prompts(args.prompts)
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)

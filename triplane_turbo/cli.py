@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .config import (DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER, ENV_BASE_MODEL, MAX_RESOLUTION,
-                     MIN_RESOLUTION, TEXTURE_MODES)
+                     MIN_RESOLUTION, TEXTURE_MODES, UNWRAP_METHODS)
 from .inputs import MAX_TARGET_FACES, MIN_TARGET_FACES, validate_resolution, validate_target_faces
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -64,7 +64,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, dtype_help: str | None
 
 def add_mesh_options(parser: argparse.ArgumentParser, *, resolution: int = 160, texture: str = "uv",
                      title: str = "mesh") -> None:
-    """--resolution, --texture, --texture-size, --faces (defaults: the published settings unless a
+    """--resolution, --texture, --texture-size, --unwrap, --faces (defaults: the published settings unless a
     command follows another protocol, e.g. the evaluation's R = 128 with vertex colours)."""
     group = parser.add_argument_group(title)
     group.add_argument("--resolution", type=RESOLUTION, default=resolution,
@@ -74,6 +74,9 @@ def add_mesh_options(parser: argparse.ArgumentParser, *, resolution: int = 160, 
                             f"vertices only (faster, detail follows the triangle count); default {texture}")
     group.add_argument("--texture-size", type=TEXTURE_SIZE, default=1024,
                        help="side of the baked texture in texels, 64-4096 (default 1024)")
+    group.add_argument("--unwrap", choices=UNWRAP_METHODS, default="fast",
+                       help="UV atlas: fast (box-projected charts, a tenth of a second) or xatlas (conformal charts, "
+                            "seconds); the same colour error (default fast)")
     group.add_argument("--faces", type=TARGET_FACES, default=None,
                        help=f"simplify to about this many faces, {MIN_TARGET_FACES}-{MAX_TARGET_FACES} (with --texture "
                             "uv a normal map keeps the full surface's shading)")

@@ -33,6 +33,8 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 50
 #: How meshes are coloured: a baked UV texture, or colours at the vertices only.
 TEXTURE_MODES = ("uv", "vertex")
+#: How UV atlases are made: box-projected charts (fast), or xatlas' conformal charts (seconds).
+UNWRAP_METHODS = ("fast", "xatlas")
 #: Marching-cubes resolutions accepted by the library.
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 512
 
@@ -51,6 +53,8 @@ class GenerationConfig:
         texture: "uv" (a UV atlas with the colour field baked into an image) or "vertex"
             (vertex colours only, as the authors' demo).
         texture_size: side of the baked texture in texels.
+        unwrap: the UV atlas: "fast" (box-projected charts, ~0.1 s for an R = 160 isosurface) or
+            "xatlas" (conformal charts; seconds). Same colour error through the files (BENCHMARKS.md).
     """
 
     num_steps: int = 4
@@ -60,6 +64,7 @@ class GenerationConfig:
     field_chunk: int | None = None
     texture: str = "uv"
     texture_size: int = 1024
+    unwrap: str = "fast"
 
 
 @dataclass(frozen=True)

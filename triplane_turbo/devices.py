@@ -75,9 +75,13 @@ def move_modules(moves: Iterable[tuple[nn.Module, tuple]]) -> None:
 
 
 @contextmanager
-def timed(timings: dict, device: torch.device, name: str) -> Iterator[None]:
-    """Adds the seconds spent in the block to ``timings[name]``; waits for the GPU only when the
-    work runs on one (synchronising otherwise would create a CUDA context for a CPU run)."""
+def timed(timings: dict | None, device: torch.device, name: str) -> Iterator[None]:
+    """Adds the seconds spent in the block to ``timings[name]`` (nothing when ``timings`` is None);
+    waits for the GPU only when the work runs on one (synchronising otherwise would create a CUDA
+    context for a CPU run)."""
+    if timings is None:
+        yield
+        return
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)

@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The ``EvalSettings`` the command line asks for (``--authors-quirks``: ``EvalSettings.authors``)."""
     values = dict(seed=args.seed, mesh_resolution=args.resolution, texture=args.texture,
-                  texture_size=args.texture_size, target_faces=args.faces, views=args.views,
+                  texture_size=args.texture_size, target_faces=args.faces, unwrap=args.unwrap, views=args.views,
                   image_size=args.image_size, elevation=args.elevation, radius=args.radius, fov=args.fov,
                   normals=args.normals)
     if args.text_template is not None:

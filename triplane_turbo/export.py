@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import struct
-import tempfile
 import zipfile
 import zlib
 
@@ -33,6 +32,7 @@ from trimesh.exchange.obj import export_obj
 from trimesh.exchange.ply import export_ply
 from trimesh.exchange.stl import export_stl
 
+from .fileio import write_atomic
 from .texture import UVTexture, srgb_to_linear, to_uint8
 
 #: File formats ``export_mesh`` writes.
@@ -310,26 +310,6 @@ def zip_files(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers never see a partly written file."""
-    # The temporary file lives in the same folder so os.replace is a same-filesystem rename.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file readable by its owner only; exported meshes are served files.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def export_mesh(
     mesh: trimesh.Trimesh,
     path: str | os.PathLike,
@@ -361,5 +341,5 @@ def export_mesh(
     files = encode_mesh(mesh, fmt, path.stem, texture)
     for name, data in files.items():
         target = path if name == f"{path.stem}.{fmt}" else path.with_name(name)
-        _write_atomic(target, data)
+        write_atomic(target, data)
     return path

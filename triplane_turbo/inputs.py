@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_RESOLUTION, TEXTURE_MODES
+from .config import MAX_RESOLUTION, MAX_SEED, MAX_STEPS, MIN_RESOLUTION, TEXTURE_MODES, UNWRAP_METHODS
 
 #: Longest prompt accepted (characters); the text encoder reads about 75 words of it anyway.
 MAX_PROMPT_CHARS = 1000
@@ -110,10 +110,16 @@ def validate_texture_mode(texture) -> str:
     return texture
 
 
+def validate_unwrap(unwrap) -> str:
+    if unwrap not in UNWRAP_METHODS:
+        raise ValueError(f"unwrap must be one of {UNWRAP_METHODS}, got {unwrap!r}")
+    return unwrap
+
+
 def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
 __all__ = ["MAX_PROMPT_CHARS", "MAX_TARGET_FACES", "MIN_TARGET_FACES", "clean_text", "parse_seed", "random_seed",
            "validate_floater_fraction", "validate_num_steps", "validate_prompts", "validate_resolution",
-           "validate_seed", "validate_target_faces", "validate_texture_mode"]
+           "validate_seed", "validate_target_faces", "validate_texture_mode", "validate_unwrap"]

@@ -37,6 +37,7 @@ class BatchSettings:
     texture: str = "uv"
     texture_size: int = 1024
     target_faces: int | None = None
+    unwrap: str = "fast"
 
 
 @dataclass

@@ -19,7 +19,7 @@ import trimesh
 
 from .config import GenerationConfig
 from .devices import timed
-from .inputs import validate_floater_fraction, validate_resolution, validate_target_faces
+from .inputs import validate_floater_fraction, validate_resolution, validate_target_faces, validate_unwrap
 from .isosurface import extract_surface, grid_to_world, remove_floaters, simplify
 from .texture import UVTexture, bake_texture, validate_texture_size, vertex_colors
 from .triplane import TriplaneFields
@@ -120,7 +120,7 @@ class TriplaneMesher:
 
     @torch.inference_mode()
     def bake_textures(self, triplane: torch.Tensor, meshes: list[trimesh.Trimesh], texture_size: int | None = None,
-                      normal_map: bool = False, *, callback: ProgressCallback | None = None,
+                      normal_map: bool = False, *, unwrap: str | None = None, callback: ProgressCallback | None = None,
                       timings: dict | None = None) -> list[UVTexture | None]:
         """One baked ``UVTexture`` per mesh (None for an empty mesh): UV atlas, colour field per texel.
 
@@ -128,14 +128,16 @@ class TriplaneMesher:
             triplane: [B, 6, C, H, W]; meshes: the B meshes of ``extract_meshes`` (model frame).
             texture_size: texture side, 64–4096 (default ``config.texture_size``, 1024).
             normal_map: also bake a tangent-space normal map from the SDF's gradient.
+            unwrap: "fast" or "xatlas" (default ``config.unwrap``).
         """
         size = validate_texture_size(self.config.texture_size if texture_size is None else texture_size)
+        unwrap = validate_unwrap(self.config.unwrap if unwrap is None else unwrap)
         timings = {} if timings is None else timings
         textures: list[UVTexture | None] = []
         for b, mesh in enumerate(meshes):
             with timed(timings, self.device, "texture"):
                 textures.append(bake_texture(self.fields, triplane[b:b + 1].to(self.device), mesh, size,
-                                             normal_map=normal_map, chunk=self.field_chunk())
+                                             normal_map=normal_map, chunk=self.field_chunk(), unwrap=unwrap)
                                 if len(mesh.faces) else None)
             if callback:
                 callback("texture", b + 1, len(meshes))

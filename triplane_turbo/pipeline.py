@@ -22,7 +22,7 @@ from .config import MAX_SEED, NUM_PLANES, GenerationConfig, WeightSources
 from .devices import meshing_device, move_modules, timed
 from .inputs import (clean_text, random_seed, validate_floater_fraction, validate_num_steps,  # noqa: F401 - re-exported
                      validate_prompts, validate_resolution, validate_seed, validate_target_faces,
-                     validate_texture_mode)
+                     validate_texture_mode, validate_unwrap)
 from .mesher import ProgressCallback, TriplaneMesher
 from .texture import UVTexture, validate_texture_size
 from .triplane import Fields, TriplaneFields
@@ -295,7 +295,7 @@ class TriplaneTurboPipeline:
                  num_steps: int | None = None, mesh_resolution: int | None = None,
                  remove_floaters_below: float | None = None, target_faces: int | None = None,
                  texture: str | None = None, texture_size: int | None = None, normal_map: bool | None = None,
-                 callback: ProgressCallback | None = None) -> TriplaneTurboOutput:
+                 unwrap: str | None = None, callback: ProgressCallback | None = None) -> TriplaneTurboOutput:
         """Generate one textured mesh per prompt.
 
         Args:
@@ -314,6 +314,7 @@ class TriplaneTurboPipeline:
             texture_size: side of the baked texture, 64-4096 (default 1024).
             normal_map: bake a tangent-space normal map too (default: when ``target_faces``
                 simplifies the mesh, so the light mesh keeps the full isosurface's shading).
+            unwrap: the UV atlas, "fast" (default) or "xatlas".
             callback: ``callback(stage, step, total)`` after each stage / denoising step.
         """
         # every option is checked before any network runs
@@ -324,6 +325,7 @@ class TriplaneTurboPipeline:
         texture_size = validate_texture_size(self.config.texture_size if texture_size is None else texture_size)
         remove_floaters_below = validate_floater_fraction(remove_floaters_below)
         target_faces = validate_target_faces(target_faces)
+        unwrap = validate_unwrap(self.config.unwrap if unwrap is None else unwrap)
         normal_map = bool(target_faces) if normal_map is None else bool(normal_map)
         b = len(prompts)
         seeds: list[int | None] = [None] * b
@@ -362,7 +364,7 @@ class TriplaneTurboPipeline:
             report("decode", 1, 1)
             meshes = self.extract_meshes(triplane, resolution, remove_floaters_below=remove_floaters_below,
                                          target_faces=target_faces, callback=report, timings=timings)
-            textures = self.bake_textures(triplane, meshes, texture_size, normal_map, callback=report,
+            textures = self.bake_textures(triplane, meshes, texture_size, normal_map, unwrap=unwrap, callback=report,
                                           timings=timings) if texture == "uv" else [None] * b
         finally:
             bar.close()

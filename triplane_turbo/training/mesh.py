@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..isosurface import extract_surface
 from ..raster import interpolate, rasterize
 from ..triplane import TriplaneFields
-from .antialias import antialias, edge_neighbours
+from ..antialias import antialias, edge_neighbours
 from .cameras import Cameras
 from .config import MeshConfig
 

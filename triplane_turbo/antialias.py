@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..raster import resolve_backend
+from .raster import resolve_backend
 
 
 def edge_neighbours(faces: torch.Tensor) -> torch.Tensor:
