@@ -165,8 +165,9 @@ def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
         "generate": ["-m", "triplane_turbo", "a chair", "--tiny", "--resolution", "32", "--texture", "vertex", "-q"],
         "batch": ["-m", "triplane_turbo.batch", "prompts.txt", "--out", "meshes", "--tiny", "--resolution", "32",
                   "--texture", "vertex", "-q"],
-        "train": ["-m", "triplane_turbo.train", "--tiny", "--prompts", "prompts.txt", "--steps", "1", "--output",
-                  "run", "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every", "0", "-q"],
+        "train": ["-m", "triplane_turbo.train", "--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--steps", "1",
+                  "--output", "run", "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every",
+                  "0", "-q"],
     }
     for name, command in commands.items():
         result = subprocess.run([sys.executable, *command], cwd=home, env=env, capture_output=True, text=True,

@@ -67,26 +67,14 @@ SD15_TEXT = "sd-legacy/stable-diffusion-v1-5"
 
 
 def teacher_class(name: str) -> type[Teacher]:
-    """The class of the teacher called ``name`` (imports its module on first use).
-
-    Raises:
-        TeacherUnavailableError: the teacher's module is not part of this installation.
-        ValueError: an unknown name.
-    """
+    """The class of the teacher called ``name`` (its module imported on first use: a run with the
+    Stable Diffusion teacher alone never loads the multi-view UNet's code). ValueError for an unknown name."""
     if name == "sd":
         return StableDiffusionTeacher
     if name not in TEACHER_MODULES:
         raise ValueError(f"unknown teacher {name!r}; choose from {', '.join(TEACHER_NAMES)}")
     module_name, class_name = TEACHER_MODULES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise TeacherUnavailableError(
-            f"the {name} teacher needs the module {module_name} ({module_name.replace('.', '/')}.py), which this "
-            f"installation does not have yet; train with --recipe sd (Stable Diffusion 2.1 alone) meanwhile") from None
-    return getattr(module, class_name)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def parse_teachers(names: str, weights: str | None = None) -> tuple[TeacherSpec, ...]:
@@ -124,10 +112,10 @@ class WeightedTeacher(Teacher):
 def teacher_sources(specs: tuple[TeacherSpec, ...], sources: dict[str, str | None] | None = None,
                     tiny: bool = False) -> dict[str, str | None]:
     """Where each teacher's weights come from (None for ``sd``, which uses the base model, and with
-    ``tiny``); checks every module and source before anything is loaded.
+    ``tiny``); checks every source before anything is loaded.
 
     Raises:
-        TeacherUnavailableError: naming the first missing module or weights.
+        TeacherUnavailableError: naming the first teacher whose weights have no source.
     """
     sources = sources or {}
     resolved: dict[str, str | None] = {}
@@ -156,7 +144,7 @@ def build_teachers(specs: tuple[TeacherSpec, ...], *, base_dir: str | Path, devi
         sources: per teacher name, a Hub id or local path of its weights (None: the class's default).
         tiny: tiny random teachers (offline).
     Raises:
-        TeacherUnavailableError: a teacher's module or weights are missing (the message says which).
+        TeacherUnavailableError: a teacher's weights have no source (the message says which).
     """
     resolved = teacher_sources(specs, sources, tiny)  # fails before anything is loaded
     teachers: list[Teacher] = []
