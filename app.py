@@ -21,8 +21,8 @@ import gradio as gr
 
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
                                 gpu_seconds, make_loader, pick_device)
-from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, MAX_VARIANTS, RESOLUTIONS,
-                                         TEXTURES, texture_label)
+from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
+                                         MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PAPER_URL = "https://arxiv.org/abs/2503.21694"
@@ -53,12 +53,14 @@ def speed_note(tiny: bool, device: str) -> str:
 
 
 def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes: float = 2e9,
-               max_age_s: float = 86400.0, bake_fields=None, max_queue: int = 64) -> gr.Blocks:
+               max_age_s: float = 86400.0, bake_fields=None, max_queue: int = 64,
+               texture_size: int = DEFAULT_TEXTURE_SIZE) -> gr.Blocks:
     """The app's Blocks, queued but not launched."""
     store = ResultStore(output_dir, max_bytes, max_age_s)
     store.enforce_limits()
     on_device = (lambda fn: spaces.GPU(duration=gpu_seconds)(fn)) if spaces is not None else None
-    handlers = Handlers(GenerationService(loader, store, bake_fields=bake_fields, on_device=on_device), max_queue)
+    service = GenerationService(loader, store, bake_fields=bake_fields, on_device=on_device, texture_size=texture_size)
+    handlers = Handlers(service, max_queue)
     gr.set_static_paths(store.served)  # results are served in place; nothing else is
 
     with gr.Blocks(title="TriplaneTurbo: instant text-to-mesh") as demo:
@@ -80,7 +82,8 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
                     resolution = gr.Dropdown(list(RESOLUTIONS), value=DEFAULT_RESOLUTION, label="Mesh resolution",
                                              info="Marching-cubes grid per axis: finer meshes take longer.")
                     texture = gr.Radio(list(TEXTURES), value=texture_label("uv"), label="Colours", elem_id="texture",
-                                       info="A baked texture keeps the detail on light meshes; vertex colours are quicker.")
+                                       info=f"A baked texture ({texture_size}²) keeps the detail on light meshes; vertex "
+                                            "colours are quicker.")
                     floaters = gr.Checkbox(label="Remove small floating parts", value=False)
                     with gr.Row():
                         simplify = gr.Checkbox(label="Simplify to a target face count (adds a normal map)", value=False)
@@ -166,7 +169,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="evict results older than this (default 24)")
     parser.add_argument("--max-queue", type=int, default=int(env("TRIPLANE_TURBO_MAX_QUEUE", 64)),
                         help="requests that may wait for the GPU; more are told to try again (default 64)")
-    return parser.parse_args(argv)
+    parser.add_argument("--texture-size", type=int, default=int(env("TRIPLANE_TURBO_TEXTURE_SIZE", DEFAULT_TEXTURE_SIZE)),
+                        help=f"side of the baked textures, 64-4096 (default {DEFAULT_TEXTURE_SIZE})")
+    args = parser.parse_args(argv)
+    from triplane_turbo.texture import validate_texture_size
+
+    try:
+        validate_texture_size(args.texture_size)
+    except ValueError as exc:
+        parser.error(f"--texture-size: {exc}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -186,7 +198,8 @@ def main(argv=None) -> None:
     loader, bake_fields = make_loader(args.tiny, device, zero_gpu)
     logging.getLogger("triplane_turbo.app").info(loader.describe)
     demo = build_demo(loader, args.output_dir, tiny=args.tiny, max_bytes=args.max_output_gb * 1e9,
-                      max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue)
+                      max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue,
+                      texture_size=args.texture_size)
     demo.launch(share=args.share, **launch_kwargs())
 
 

@@ -4,6 +4,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest-xdist's workers share the cores (set before torch loads)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -45,8 +48,11 @@ def tiny_pipe(tiny_model_dir):
 # The web app (tests/test_app.py, tests/test_browser.py): `python app.py --tiny` in a subprocess
 # ---------------------------------------------------------------------------------------------
 REPO = TESTS.parent
-#: Output-folder budget of the test server: room for about six tiny results at resolution 128
-#: (each about 6 MB with its 1024² texture in the GLB and the OBJ zip).
+#: Side of the test servers' baked textures (the app's default is 1024; tests about texture sizes
+#: set their own).
+APP_TEXTURE_SIZE = 256
+#: Output-folder budget of the test server: room for about eight tiny results at resolution 128
+#: (each about 4.5 MB: GLB, OBJ zip, PLY and STL of ~40k faces).
 APP_OUTPUT_MAX_BYTES = 40_000_000
 #: How long the cold-start servers' model takes to load (tests/slow_app.py).
 SLOW_LOAD_SECONDS = 8
@@ -60,6 +66,7 @@ class AppServer:
     tmpdir: Path  # its TMPDIR and GRADIO_TEMP_DIR live here
     log: Path
     max_bytes: int
+    texture_size: int = APP_TEXTURE_SIZE
 
 
 def free_port() -> int:
@@ -83,6 +90,7 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
            "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),
+           "TRIPLANE_TURBO_TEXTURE_SIZE": str(APP_TEXTURE_SIZE),
            "TMPDIR": str(tmpdir), "GRADIO_TEMP_DIR": str(tmpdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": str(REPO), **(extra_env or {})}

@@ -131,7 +131,8 @@ def test_generate_from_the_page(app_server, page):
     path = ARTIFACTS / download.suggested_filename
     download.save_as(path)
     (geometry,) = trimesh.load_scene(path, process=False).geometry.values()
-    assert len(geometry.faces) > 100 and geometry.visual.material.baseColorTexture.size == (1024, 1024)
+    size = app_server.texture_size
+    assert len(geometry.faces) > 100 and geometry.visual.material.baseColorTexture.size == (size, size)
 
 
 @pytest.mark.timeout(150)

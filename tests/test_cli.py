@@ -169,9 +169,10 @@ def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
                   "--output", "run", "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every",
                   "0", "-q"],
     }
-    for name, command in commands.items():
-        result = subprocess.run([sys.executable, *command], cwd=home, env=env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+    running = {name: subprocess.Popen([sys.executable, *command], cwd=home, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
+    for name, process in running.items():  # side by side: each writes its own files
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name}: {output[-2000:]}"
     assert (home / "mesh.glb").is_file() and (home / "meshes" / "manifest.jsonl").is_file()
     assert (home / "run" / "adapter.pth").is_file()

@@ -460,9 +460,11 @@ def test_two_processes_with_no_sync_average_the_gradients_of_all_four_passes(tmp
     runs = {"both": [*launcher, str(script), base, adapter, str(tmp_path / "both.pt"), "-1"]}
     for rank in (0, 1):
         runs[rank] = [sys.executable, str(script), base, adapter, str(tmp_path / f"{rank}.pt"), str(rank)]
-    for command in runs.values():
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
-        assert result.returncode == 0, result.stderr[-3000:]
+    running = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for command in runs.values()]  # side by side
+    for process in running:
+        output, _ = process.communicate(timeout=500)
+        assert process.returncode == 0, output[-3000:]
     both, one, other = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("both", 0, 1))
     assert len(both) == len(one) > 0
     assert not all(torch.allclose(one[i], other[i]) for i in one)  # the two processes had different data

@@ -456,7 +456,7 @@ def test_settings_make_links_and_records():
     s = Settings("a chair", 5, 256, True, 5000, "vertex")
     assert s.share_link("http://x/") == "http://x/?prompt=a+chair&seed=5&resolution=256&floaters=1&faces=5000&texture=vertex"
     assert s.as_record() == {"prompt": "a chair", "seed": 5, "mesh_resolution": 256, "remove_floaters": True,
-                             "target_faces": 5000, "texture": "vertex", "texture_size": settings.TEXTURE_SIZE}
+                             "target_faces": 5000, "texture": "vertex"}
 
 
 # ---------------------------------------------------------------------------------------------

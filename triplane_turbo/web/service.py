@@ -27,7 +27,7 @@ from ..mesher import TriplaneMesher
 from ..pipeline import PromptTruncatedWarning
 from ..preview import render_preview
 from .models import ModelLoader
-from .settings import FLOATER_FRACTION, TEXTURE_SIZE, Settings
+from .settings import DEFAULT_TEXTURE_SIZE, FLOATER_FRACTION, Settings
 from .store import Entry, ResultStore
 
 logger = logging.getLogger(__name__)
@@ -96,18 +96,22 @@ class GenerationService:
         bake_fields: the heads textures are baked with, outside the networks' call (ZeroGPU: a CPU
             copy); None: the pipeline's own, on its meshing device.
         on_device: wraps the networks' call (``spaces.GPU`` on ZeroGPU); None: called as is.
+        texture_size: side of the baked textures.
     """
 
     def __init__(self, loader: ModelLoader, store: ResultStore, *, bake_fields=None,
-                 on_device: Callable[[Callable], Callable] | None = None):
+                 on_device: Callable[[Callable], Callable] | None = None, texture_size: int = DEFAULT_TEXTURE_SIZE):
+        from ..texture import validate_texture_size
+
         self.loader, self.store, self.bake_fields = loader, store, bake_fields
+        self.texture_size = validate_texture_size(texture_size)
         self.run_networks = on_device(self._run_networks) if on_device else self._run_networks
 
     # -- keys ------------------------------------------------------------------------------------
     def key(self, settings: Settings, revision: str) -> str:
         """The store key of ``settings`` made with the weights ``revision`` on this device and dtype."""
-        return ResultStore.key(**settings.as_record(), revision=revision, device=self.loader.device,
-                               dtype=self.loader.dtype)
+        return ResultStore.key(**settings.as_record(), texture_size=self.texture_size, revision=revision,
+                               device=self.loader.device, dtype=self.loader.dtype)
 
     def stored(self, settings: Settings) -> Entry | None:
         """The stored result for ``settings``, or None (also while the weights are not yet known)."""
@@ -164,7 +168,8 @@ class GenerationService:
                 continue
             if first_look and settings.texture == "uv":
                 yield FirstLook(i, self.store.pending_glb(key, mesh))
-            record = {**settings.as_record(), "vertices": len(mesh.vertices), "faces": len(mesh.faces),
+            record = {**settings.as_record(), "texture_size": self.texture_size, "vertices": len(mesh.vertices),
+                      "faces": len(mesh.faces),
                       "device": result.device, "model_revision": pipe.revision, "timings": dict(result.timings)}
             if result.notes:
                 record["warnings"] = result.notes
@@ -173,7 +178,7 @@ class GenerationService:
                 progress(None, stages["texture"])
                 timings: dict = {}
                 try:
-                    (texture,) = mesher.bake_textures(result.triplane[j:j + 1], [mesh], TEXTURE_SIZE,
+                    (texture,) = mesher.bake_textures(result.triplane[j:j + 1], [mesh], self.texture_size,
                                                       normal_map=bool(settings.target_faces), timings=timings)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
@@ -183,8 +188,8 @@ class GenerationService:
             progress(None, stages["export"])
             entry = self.store.save(key, mesh, record, texture, render_preview(mesh, texture))
             made.append(key)
+            self.store.enforce_limits(keep=set(made))  # before the result is handed out: the folder never exceeds its budget
             yield Stored(i, entry)
-        self.store.enforce_limits(keep=set(made))
 
     def _run_networks(self, prompts: list[str], seeds: list[int], resolution: int, floaters: bool,
                       faces: int | None, progress: Progress) -> NetworkResult:

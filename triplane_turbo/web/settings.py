@@ -16,8 +16,9 @@ from ..inputs import MAX_PROMPT_CHARS, clean_text, parse_seed
 RESOLUTIONS = (128, 160, 256, 384)
 DEFAULT_RESOLUTION = 160
 #: The colour options as the page labels them, and the library's names for them.
-TEXTURES = {"UV texture (baked, 1024²)": "uv", "Vertex colours": "vertex"}
-TEXTURE_SIZE = 1024
+TEXTURES = {"UV texture (baked)": "uv", "Vertex colours": "vertex"}
+#: Side of the baked textures by default (``app.py --texture-size``).
+DEFAULT_TEXTURE_SIZE = 1024
 #: Seeds the app draws stay exact in the browser's float64 numbers.
 RANDOM_SEED_LIMIT = 2**32
 EXAMPLE_SEED = 0
@@ -67,7 +68,7 @@ class Settings:
         return f"{page}?{urlencode(self.link_query())}"
 
     def as_record(self) -> dict:
-        return {**asdict(self), "texture_size": TEXTURE_SIZE}
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def inputs_from_link(query: dict) -> tuple[LinkInputs | None, list[str]]:
 
 
 __all__ = ["DEFAULT_FACES", "DEFAULT_RESOLUTION", "EXAMPLE_SEED", "FACES_RANGE", "FLOATER_FRACTION", "HISTORY_SIZE",
-           "InputError", "LinkInputs", "MAX_VARIANTS", "RESOLUTIONS", "Settings", "TEXTURES", "TEXTURE_SIZE",
+           "InputError", "LinkInputs", "MAX_VARIANTS", "RESOLUTIONS", "Settings", "TEXTURES", "DEFAULT_TEXTURE_SIZE",
            "inputs_from_link", "parse_count", "parse_faces", "parse_flag", "parse_prompt", "parse_resolution",
            "parse_seed_input", "parse_texture", "settings_from_entry", "settings_from_inputs", "texture_label",
            "variant_settings"]

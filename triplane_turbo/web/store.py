@@ -151,6 +151,7 @@ class ResultStore:
             with self._lock:
                 shutil.rmtree(self.root / "files" / key, ignore_errors=True)  # a stale or incomplete entry
                 os.replace(staging, self.root / "files" / key)
+                shutil.rmtree(self.root / "files" / f"{key}.pending", ignore_errors=True)  # its first look is done
                 write_atomic(self.root / "records" / f"{key}.json",
                              json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
         except BaseException:
@@ -160,7 +161,7 @@ class ResultStore:
 
     def pending_glb(self, key: str, mesh) -> Path:
         """A vertex-coloured GLB shown while the texture bakes (``files/<key>.pending/``, removed
-        with its entry's eviction or after ten minutes)."""
+        when the entry is stored, or by ``enforce_limits`` after ten minutes if it never is)."""
         folder = self.root / "files" / f"{key}.pending"
         folder.mkdir(exist_ok=True)
         path = folder / f"triplaneturbo-{key[:12]}-preview.glb"
