@@ -330,13 +330,13 @@ def test_vertex_coloured_glbs_carry_normals(client):
 # ---------------------------------------------------------------------------------------------
 # A crowd: a hundred requests at once, while stored results and the page keep answering
 # ---------------------------------------------------------------------------------------------
-CROWD, CROWD_QUEUE = 100, 12
+CROWD, CROWD_QUEUE = 100, 8
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(tmp_path_factory):
-    """100 concurrent generate requests with distinct seeds on a server that lets 12 wait for the GPU:
+    """100 concurrent generate requests with distinct seeds on a server that lets 8 wait for the GPU:
     each gets a mesh or "busy, try again" (never a bare error); meanwhile a stored result and the page
     answer within seconds; afterwards a fresh request works."""
     with running_app(tmp_path_factory.mktemp("crowd"), [str(webapp.ASSETS.parent / "app.py"), "--tiny"],

@@ -364,21 +364,21 @@ def test_compare_two_runs_of_different_seeds(tiny_pipe, tiny_clip, tmp_path, mon
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_processes_give_the_metrics_of_one(tmp_path):
+def test_two_processes_give_the_metrics_of_one(tmp_path, monkeypatch, capsys):
+    """Two processes under accelerate's launcher, and meanwhile one (this one) through ``main(argv)``."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(AWKWARD + ["a teapot", "a red car"]) + "\n", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["-m", "triplane_turbo.evaluate", "--prompts", str(prompts), "--tiny", "--resolution", "40",
-            "--image-size", "64", "-q"]
-    one = subprocess.run([sys.executable, *args, "--out", "one"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=400)
-    assert one.returncode == 0, one.stderr
+    args = ["--prompts", str(prompts), "--tiny", "--resolution", "40", "--image-size", "64", "-q"]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    two = subprocess.run([*launcher, *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=400)
-    assert two.returncode == 0, two.stderr
+    two = subprocess.Popen([*launcher, "-m", "triplane_turbo.evaluate", *args, "--out", "two"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "one")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    output, _ = two.communicate(timeout=400)
+    assert two.returncode == 0, output
     a, b = (json.loads((tmp_path / name / "metrics.json").read_text(encoding="utf-8")) for name in ("one", "two"))
     for key in ("r_at_1", "r_at_5", "failed_lines", "settings", "azimuths"):
         assert a[key] == b[key]

@@ -422,25 +422,32 @@ from triplane_turbo.training import PRDTrainer, StableDiffusionTeacher, TrainCon
 from triplane_turbo.training.config import TINY_TRAINING, BackgroundConfig, CameraConfig
 from triplane_turbo.training.prd import ddp_kwargs
 
-base, adapter, out, fake_rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-config = TrainConfig(prompts_per_step=1, renderers=("mesh", "volume"), cameras=CameraConfig(views=1),
-                     volume=VolumeConfig(coarse_samples=8, fine_samples=0, rays=8, global_rays=0, patch_rays=0),
-                     mesh=MeshConfig(grid=16, image=16), background=BackgroundConfig(levels=2, log2_table=8, hidden=8))
-accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs(config)])
-pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False, config=GenerationConfig(latent_size=16))
-teacher = StableDiffusionTeacher(base, config=TINY_TRAINING["guidance"], text_encoder=pipe.text_encoder,
-                                 tokenizer=pipe.tokenizer)
-trainer = PRDTrainer(pipe, [teacher], config, accelerator)
-trainer.rank = accelerator.process_index if fake_rank < 0 else fake_rank  # a single process drawing rank r's data
-grads = {}
-step = trainer.optimizer.step
-def capture():
-    grads.update({i: p.grad.clone() for i, p in enumerate(trainer.trainable_parameters)})
-    step()
-trainer.optimizer.step = capture
-trainer.train_step(["a chair" if trainer.rank == 0 else "a red car"])
-if accelerator.is_main_process:
-    torch.save(grads, out)
+def step_gradients(base, adapter, fake_rank):
+    # the gradients the optimiser sees after one iteration: in a process of a DDP run (fake_rank < 0),
+    # or in a single process drawing the data of rank fake_rank
+    config = TrainConfig(prompts_per_step=1, renderers=("mesh", "volume"), cameras=CameraConfig(views=1),
+                         volume=VolumeConfig(coarse_samples=8, fine_samples=0, rays=8, global_rays=0, patch_rays=0),
+                         mesh=MeshConfig(grid=16, image=16), background=BackgroundConfig(levels=2, log2_table=8, hidden=8))
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs(config)])
+    pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False, config=GenerationConfig(latent_size=16))
+    teacher = StableDiffusionTeacher(base, config=TINY_TRAINING["guidance"], text_encoder=pipe.text_encoder,
+                                     tokenizer=pipe.tokenizer)
+    trainer = PRDTrainer(pipe, [teacher], config, accelerator)
+    trainer.rank = accelerator.process_index if fake_rank < 0 else fake_rank
+    grads = {}
+    step = trainer.optimizer.step
+    def capture():
+        grads.update({i: p.grad.clone() for i, p in enumerate(trainer.trainable_parameters)})
+        step()
+    trainer.optimizer.step = capture
+    trainer.train_step(["a chair" if trainer.rank == 0 else "a red car"])
+    return grads, accelerator.is_main_process
+
+
+if __name__ == "__main__":
+    grads, main = step_gradients(sys.argv[1], sys.argv[2], -1)
+    if main:
+        torch.save(grads, sys.argv[3])
 """
 
 
@@ -457,15 +464,14 @@ def test_two_processes_with_no_sync_average_the_gradients_of_all_four_passes(tmp
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    runs = {"both": [*launcher, str(script), base, adapter, str(tmp_path / "both.pt"), "-1"]}
-    for rank in (0, 1):
-        runs[rank] = [sys.executable, str(script), base, adapter, str(tmp_path / f"{rank}.pt"), str(rank)]
-    running = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for command in runs.values()]  # side by side
-    for process in running:
-        output, _ = process.communicate(timeout=500)
-        assert process.returncode == 0, output[-3000:]
-    both, one, other = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("both", 0, 1))
+    ddp = subprocess.Popen([*launcher, str(script), base, adapter, str(tmp_path / "both.pt")], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    namespace: dict = {"__name__": "ddp_step"}
+    exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # meanwhile, each rank's data in this process alone
+    one, other = (namespace["step_gradients"](base, adapter, rank)[0] for rank in (0, 1))
+    output, _ = ddp.communicate(timeout=500)
+    assert ddp.returncode == 0, output[-3000:]
+    both = torch.load(tmp_path / "both.pt", weights_only=True)
     assert len(both) == len(one) > 0
     assert not all(torch.allclose(one[i], other[i]) for i in one)  # the two processes had different data
     assert all(torch.allclose(both[i], (one[i] + other[i]) / 2, rtol=1e-4, atol=1e-7) for i in both)
