@@ -392,7 +392,8 @@ def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_failed_load_is_a_clear_error_for_every_caller(tmp_path_factory):
-    with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny") as server:
+    with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny",
+                  load_seconds=2) as server:
         client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
         with ThreadPoolExecutor(3) as pool:
             calls = [pool.submit(generate, client, seed=s) for s in (1, 2, 3)]
