@@ -131,3 +131,4 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", load_seconds: float = 
     return running_app(tmp_path_factory.mktemp(name), [str(TESTS / "slow_app.py")], ("Running on local URL",),
                        {"SLOW_APP_SECONDS": str(load_seconds), "SLOW_APP_FAIL": fail,
                         "SLOW_APP_BAKE_SECONDS": str(bake_seconds)})
+

@@ -587,7 +587,8 @@ def test_two_processes_train_one_adapter(tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
     result = train("-m", "triplane_turbo.train", "--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--output", "run",
-                   "--steps", "2", "--renderers", "volume", "-q", cwd=tmp_path, launcher=launcher)
+                   "--steps", "2", "--renderers", "volume", "--prompts-per-step", "1", "--views", "1", "--preview-every", "0",
+                   "-q", cwd=tmp_path, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     records = log_records(tmp_path / "run")
     assert records[-1] == {"step": 2, "finished": True, "processes": 2, "in_sync": True}
