@@ -247,14 +247,14 @@ def test_examples_are_stored_results_like_any_other(app_server, page):
 
 @pytest.mark.timeout(240)
 def test_the_vertex_coloured_mesh_is_drawn_while_the_texture_bakes(tmp_path_factory, page):
-    """The first look is seen: while the texture bakes (made to take 8 s here), the viewer already
+    """The first look is seen: while the texture bakes (made to take 5 s here), the viewer already
     draws the vertex-coloured mesh, uncovered by the progress display."""
     from playwright.sync_api import expect
 
     from .conftest import slow_app
 
     ARTIFACTS.mkdir(exist_ok=True)
-    with slow_app(tmp_path_factory, "slow-bake", load_seconds=0, bake_seconds=8) as server:
+    with slow_app(tmp_path_factory, "slow-bake", load_seconds=0, bake_seconds=5) as server:
         page.goto(server.url)
         page.wait_for_selector("#generate")
         page.locator("#prompt textarea, #prompt input").first.fill("a wooden chair")

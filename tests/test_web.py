@@ -241,9 +241,10 @@ def test_history_shows_stored_previews_and_checks_entries_from_the_browser(tmp_p
 
 def test_history_is_newest_first_bounded_and_clearable(tmp_path):
     handlers = handlers_for(tmp_path, StubPipe(sphere_output))
+    result = call(handlers, seed=0)[-1]  # one stored result; the others, as the browser keeps them
     history = {"version": 1, "entries": []}
     for seed in range(HISTORY_SIZE + 3):
-        history, gallery = handlers.remember(call(handlers, seed=seed)[-1], history)
+        history, gallery = handlers.remember({**result, "seed": seed}, history)
     assert len(history["entries"]) == HISTORY_SIZE == len(gallery)
     assert history["entries"][0]["seed"] == HISTORY_SIZE + 2 and gallery[0][1].endswith(f"seed {HISTORY_SIZE + 2}")
     again, _ = handlers.remember(history["entries"][3], history)  # opening an older one moves it to the top

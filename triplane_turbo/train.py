@@ -282,7 +282,7 @@ class Evaluation:
         from .evaluation import ClipScorer, EvalSettings
 
         self.args, self.accelerator = args, accelerator
-        self.settings = EvalSettings(mesh_resolution=64, image_size=128) if args.tiny else EvalSettings()
+        self.settings = EvalSettings(mesh_resolution=40, image_size=64) if args.tiny else EvalSettings()
         self.clip = None
         if accelerator.is_main_process:
             source = args.clip
