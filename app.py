@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
-                                gpu_seconds, make_loader, pick_device)
+                                gpu_seconds, make_loader, pick_device, speed_note)
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 
@@ -41,15 +41,6 @@ def load_examples(path: Path = ASSETS / "examples.txt") -> list[str]:
 
 def on_zero_gpu() -> bool:
     return bool(getattr(getattr(getattr(spaces, "config", None), "Config", None), "zero_gpu", False))
-
-
-def speed_note(tiny: bool, device: str) -> str:
-    if device.startswith(("cuda", "mps")):
-        return "Running on a GPU: a generation takes about a second (plus any wait in the queue)."
-    if tiny:
-        return "Running on CPU: about 1–3 s per model (the tiny demo model)."
-    return ("Running on CPU: one model takes a minute or two here (about a second on a GPU). Progress is shown "
-            "while it works.")
 
 
 def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes: float = 2e9,

@@ -8,9 +8,9 @@
 """
 
 from .handlers import GPU_GROUP, Handlers
-from .models import ModelLoader, ModelNotReadyError, gpu_seconds, make_loader, pick_device
+from .models import ModelLoader, ModelNotReadyError, gpu_seconds, make_loader, pick_device, speed_note
 from .service import GenerationError, GenerationService
 from .store import OutputFolderError, ResultStore
 
 __all__ = ["GPU_GROUP", "GenerationError", "GenerationService", "Handlers", "ModelLoader", "ModelNotReadyError",
-           "OutputFolderError", "ResultStore", "gpu_seconds", "make_loader", "pick_device"]
+           "OutputFolderError", "ResultStore", "gpu_seconds", "make_loader", "pick_device", "speed_note"]

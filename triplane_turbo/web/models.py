@@ -175,6 +175,16 @@ def pick_device(requested: str | None, zero_gpu: bool = False) -> str:
     return "cpu"
 
 
+def speed_note(tiny: bool, device: str) -> str:
+    """What a generation costs on ``device``, for the page."""
+    if device.startswith(("cuda", "mps")):
+        return "Running on a GPU: a generation takes about a second (plus any wait in the queue)."
+    if tiny:
+        return "Running on CPU: about 1–3 s per model (the tiny demo model)."
+    return ("Running on CPU: one model takes a minute or two here (about a second on a GPU). Progress is shown "
+            "while it works.")
+
+
 def gpu_seconds(prompts, seeds, resolution, *args, **kwargs) -> int:
     """ZeroGPU's time budget for one call of the networks: by resolution, a little more per extra object."""
     return int(GPU_SECONDS.get(resolution, 60) * (1 + 0.25 * (len(prompts) - 1)))
@@ -226,4 +236,5 @@ def make_loader(tiny: bool, device: str, zero_gpu: bool = False):
     return loader, baking.get("fields")
 
 
-__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "gpu_seconds", "make_loader", "pick_device"]
+__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "gpu_seconds", "make_loader", "pick_device",
+           "speed_note"]
