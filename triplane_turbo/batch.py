@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 import time
@@ -191,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; only it is written to)")
     parser.add_argument("--seed", type=int, default=0, help="line n uses seed SEED + n - 1 (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="threads that bake textures and write files while the networks make the next batch "
-                             "(default: the CPU cores beyond one, at most 4; 0: in line)")
+    cli.add_workers_option(parser)
     parser.add_argument("--format", choices=FORMATS, default="glb", help="file format (default glb)")
     cli.add_mesh_options(parser)
     cli.add_model_options(parser)
@@ -206,10 +203,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    if args.workers is None:
-        args.workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    if args.workers < 0:
-        parser.error("--workers must be 0 or more")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be between 0 and {MAX_SEED}")
     return args
@@ -224,6 +217,7 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     device, use_cpu = cli.process_device(args.device)
+    args.workers = cli.baking_workers(args.workers, use_cpu)
     dtype = cli.resolve_dtype(args.dtype, device)
     try:  # before the process group exists: libraries write files on rank 0 only once it does
         pipe = cli.load_pipeline(args, device, dtype)

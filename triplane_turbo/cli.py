@@ -120,6 +120,29 @@ def process_device(requested: str | None):
     return device, on_cpu
 
 
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """--workers: threads that bake UV textures and write files while the networks make the next batch."""
+    parser.add_argument("--workers", type=_checked(_non_negative), default=None,
+                        help="threads that bake UV textures and write files while the networks make the next batch "
+                             "(default with CUDA: the CPU cores beyond one, at most 4; on the CPU 0, in line: the "
+                             "networks already use every core)")
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+def baking_workers(requested: int | None, on_cpu: bool) -> int:
+    """``--workers``, or its default: spare cores only where the networks do not run on them."""
+    if requested is not None:
+        return requested
+    import os
+
+    return 0 if on_cpu else min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
 def resolve_dtype(name: str, device):
     """The dtype for ``--dtype`` on ``device`` ("auto": ``devices.default_dtype``)."""
     import torch
@@ -149,5 +172,5 @@ def load_pipeline(args: argparse.Namespace, device, dtype, **options):
     return TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype, **options)
 
 
-__all__ = ["DTYPES", "WEIGHTS_EPILOG", "add_mesh_options", "add_model_options", "load_pipeline", "loading_errors",
+__all__ = ["DTYPES", "WEIGHTS_EPILOG", "add_mesh_options", "add_model_options", "add_workers_option", "baking_workers", "load_pipeline", "loading_errors",
            "process_device", "resolve_device", "resolve_dtype"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -43,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="line n uses seed SEED + n - 1 (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="with --texture uv: threads that bake textures while the networks make the next batch "
-                             "(default: the CPU cores beyond one, at most 4; 0: in line)")
+    cli.add_workers_option(parser)
     cli.add_mesh_options(parser, resolution=defaults.mesh_resolution, texture=defaults.texture)
     group = parser.add_argument_group("views and scoring (defaults: the paper's protocol)")
     group.add_argument("--views", type=int, default=defaults.views, help="azimuths per mesh (default 4: 0/90/180/270)")
@@ -77,10 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--seed must be between 0 and {MAX_SEED}")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
-    if args.workers is None:
-        args.workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    if args.workers < 0:
-        parser.error("--workers must be 0 or more")
     try:
         args.settings = settings_from_args(args)
     except ValueError as exc:
@@ -138,11 +131,8 @@ def main(argv=None) -> int:
     from .evaluation.run import evaluate_pipeline
     from .hub import WeightsNotAvailableError
 
-    try:
-        device, use_cpu = cli.process_device(args.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device, use_cpu = cli.process_device(args.device)
+    args.workers = cli.baking_workers(args.workers, use_cpu)
     dtype = cli.resolve_dtype(args.dtype, device)
     scratch = None
     try:  # before the process group exists: libraries write files on rank 0 only once it does
