@@ -137,7 +137,6 @@ def validate_texture_size(size) -> int:
 #: make thousands of tiny charts and pack them in minutes (measured: 7,000 charts of a noise surface,
 #: 11 s for 20k faces, 511 s for 70k). Smooth objects have a few hundred.
 MAX_SHARP_EDGES_FOR_CHARTS = 4000
-#: UV unwrappers ``unwrap`` and ``bake_texture`` accept.
 
 
 def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int = 1024, padding: int = 4,
