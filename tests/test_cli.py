@@ -149,8 +149,8 @@ def test_the_commands_share_one_option_set_with_the_librarys_bounds(capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
-    """``pip install -r requirements.txt`` puts the package itself on the path (``-e .``): the
-    generate, batch and train commands then work from any folder, with no PYTHONPATH."""
+    """The README's installs put the package itself on the path (``-e .``): the generate, batch and
+    train commands then work from any folder, with no PYTHONPATH."""
     home = tmp_path / "user"
     home.mkdir()
     (home / "prompts.txt").write_text("a chair\n", encoding="utf-8")
@@ -158,7 +158,7 @@ def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
     env.pop("PYTHONPATH", None)
     where = subprocess.run([sys.executable, "-c", "import triplane_turbo; print(triplane_turbo.__file__)"], cwd=home,
                            env=env, capture_output=True, text=True)
-    assert where.returncode == 0, "the package is not installed: `pip install -r requirements.txt` installs it (-e .)"
+    assert where.returncode == 0, "the package is not installed: the README's installs put it on the path (-e .)"
     assert Path(where.stdout.strip()).resolve().parent.parent == REPO.resolve(), \
         f"this environment installs another copy of the package: {where.stdout.strip()}"
     commands = {

@@ -400,6 +400,9 @@ def test_resuming_restores_the_optimiser_and_the_random_states_exactly(tmp_path,
     adan_state = first.optimizer.state_dict()["state"]
 
     torch.manual_seed(1234)  # another global random state, undone by the resume
+    torn = tmp_path / "a" / "checkpoints" / "checkpoint_1"  # a save that a kill cut short
+    torn.mkdir()
+    (torn / "optimizer.bin").write_bytes(b"half")
     resumed = make_accelerated_trainer(tiny_model_dir, tmp_path / "a")
     resumed.load_state(folder)
     assert torch.equal(torch.rand(3), draw_after_save)
@@ -408,7 +411,7 @@ def test_resuming_restores_the_optimiser_and_the_random_states_exactly(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed.trainable_parameters))
     resumed_state = resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(adan_state[k][name], resumed_state[k][name]) for k in adan_state for name in adan_state[k])
-    # later saves continue the numbering; the total limit keeps two
+    # later saves continue the numbering (over the torn one); the total limit keeps two
     resumed.save_state()
     resumed.save_state()
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
@@ -594,6 +597,15 @@ def test_two_processes_train_one_adapter(tmp_path):
     assert records[-1] == {"step": 2, "finished": True, "processes": 2, "in_sync": True}
     prompts = [r["prompts"] for r in records if "seconds" in r]  # [step][process] -> that process's prompts
     assert all(len(step) == 2 for step in prompts) and any(a != b for a, b in prompts)  # different data per process
+
+
+def test_a_log_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    from triplane_turbo.training.monitor import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 1, "loss": 1}\n{"iteration": 2, "loss": 2}\n{"iteration": 3, "lo')
+    truncate_log(log, 1)  # resumed from the checkpoint after iteration 1
+    assert log.read_text() == '{"iteration": 1, "loss": 1}\n'
 
 
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, capsys):

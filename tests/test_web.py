@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -415,11 +416,22 @@ def test_on_zero_gpu_the_model_is_built_up_front_and_the_networks_return_cpu_dat
     assert loader.ready() and threads == [threading.current_thread()] and loader.dtype == "float16"
     assert loader.pipe.dtype == torch.float16 and bake_fields is not loader.pipe.fields
     assert bake_fields.bbox.device.type == "cpu" and bake_fields.bbox.dtype == torch.float32
+    def in_a_worker(fn):
+        """What ZeroGPU does to the call besides the GPU: arguments and result cross a process boundary."""
+        wrapped = spaces.GPU(duration=models.gpu_seconds)(fn)
+
+        def call(*args, **kwargs):
+            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+            return pickle.loads(pickle.dumps(wrapped(*args, **kwargs)))
+        return call
+
     service = GenerationService(loader, ResultStore(tmp_path / "outputs"), bake_fields=bake_fields,
-                                on_device=lambda fn: spaces.GPU(duration=models.gpu_seconds)(fn))
-    result = service.run_networks(["a chair"], [3], 64, False, None, lambda *a: None)
-    assert result.triplane.device.type == "cpu" and result.triplane.dtype == torch.float32
-    assert len(result.meshes[0].faces) > 0 and isinstance(result.meshes[0].vertices, np.ndarray)
+                                on_device=in_a_worker)
+    progress = Progress()
+    events = list(service.produce([Settings("a chair", 3, 128)], lambda f, line: progress(f, line), fail_on_empty=True))
+    stored = [e for e in events if type(e).__name__ == "Stored"]
+    assert len(stored) == 1 and stored[0].entry.record["texture_size"] == service.texture_size
+    assert "Running the networks on the GPU" in progress.lines
 
 
 def test_the_gpu_duration_grows_with_resolution_and_batch():

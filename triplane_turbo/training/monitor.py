@@ -15,8 +15,14 @@ def truncate_log(log: Path, iteration: int) -> None:
     """Drops the records of iterations after ``iteration`` (logged before an interruption)."""
     if not log.is_file():
         return
-    kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("iteration", 0) <= iteration and "finished" not in json.loads(line)]
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the interruption
+            continue
+        if record.get("iteration", 0) <= iteration and "finished" not in record:
+            kept.append(line)
     log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

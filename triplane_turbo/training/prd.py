@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -334,10 +335,17 @@ class PRDTrainer:
 
     def load_state(self, folder: str | os.PathLike) -> None:
         """Continue from ``save_state``'s folder: weights, optimiser, RNG states, counters; later
-        saves continue its numbering."""
+        saves continue its numbering. Folders after it (a save that a kill interrupted) are removed
+        first: accelerate would count them against the total limit, delete the good checkpoints to
+        make room, then refuse to write over them."""
         if self.accelerator is None:
             raise RuntimeError("checkpoints need an accelerate.Accelerator")
         folder = Path(folder)
+        if self.accelerator.is_main_process:
+            for later in folder.parent.glob("checkpoint_*"):
+                if checkpoint_number(later) > checkpoint_number(folder):
+                    shutil.rmtree(later)
+        self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(folder))
         self.accelerator.project_configuration.iteration = checkpoint_number(folder) + 1
 

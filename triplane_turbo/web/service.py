@@ -95,7 +95,9 @@ class GenerationService:
         store: where results are kept.
         bake_fields: the heads textures are baked with, outside the networks' call (ZeroGPU: a CPU
             copy); None: the pipeline's own, on its meshing device.
-        on_device: wraps the networks' call (``spaces.GPU`` on ZeroGPU); None: called as is.
+        on_device: wraps the networks' call (``spaces.GPU`` on ZeroGPU); None: called as is. A wrapped
+            call gets only picklable arguments (ZeroGPU hands them to a worker process), so no
+            progress callable: its progress is reported around it.
         texture_size: side of the baked textures.
     """
 
@@ -106,6 +108,7 @@ class GenerationService:
         self.loader, self.store, self.bake_fields = loader, store, bake_fields
         self.texture_size = validate_texture_size(texture_size)
         self.run_networks = on_device(self._run_networks) if on_device else self._run_networks
+        self._progress_inside = on_device is None
 
     # -- keys ------------------------------------------------------------------------------------
     def key(self, settings: Settings, revision: str) -> str:
@@ -147,9 +150,12 @@ class GenerationService:
               fail_on_empty: bool, first_look: bool) -> Iterator[FirstLook | Stored | NoSurface]:
         pipe = self.loader.get(lambda line: progress(None, line))
         first = batch[0]
+        if not self._progress_inside:
+            progress(None, "Running the networks on the GPU")
         try:
             result = self.run_networks([s.prompt for s in batch], [s.seed for s in batch], first.mesh_resolution,
-                                       first.remove_floaters, first.target_faces, progress)
+                                       first.remove_floaters, first.target_faces,
+                                       progress if self._progress_inside else None)
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -192,8 +198,10 @@ class GenerationService:
             yield Stored(i, entry)
 
     def _run_networks(self, prompts: list[str], seeds: list[int], resolution: int, floaters: bool,
-                      faces: int | None, progress: Progress) -> NetworkResult:
-        """The networks and the mesh on the model's device (on ZeroGPU: inside ``spaces.GPU``)."""
+                      faces: int | None, progress: Progress | None = None) -> NetworkResult:
+        """The networks and the mesh on the model's device (on ZeroGPU: inside ``spaces.GPU``, in a
+        worker process: the arguments and the result are plain, picklable data)."""
+        progress = progress or (lambda fraction, line: None)
         pipe = self.loader.get()
         stages = stage_labels(pipe.config.num_steps)
         names = list(stages)
