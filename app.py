@@ -120,12 +120,15 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
         remember = dict(fn=handlers.remember, inputs=[result, history], outputs=[history, history_gallery], **private)
         gr.on([button.click, prompt.submit, link_trigger.change], handlers.generate, inputs, outputs,
               api_name="generate", preprocess=False, validator=handlers.validate_generate, **gpu).success(**remember)
-        examples.load_input_event.then(handlers.generate_example, [prompt], outputs, **gpu, **private).success(**remember)
+        examples.load_input_event.then(handlers.generate_example, [prompt], outputs, validator=handlers.validate_example,
+                                       **gpu, **private).success(**remember)
         variants_button.click(handlers.variants, [prompt, seed, count, resolution],
                               [variants_gallery, variant_files, chosen_variants], api_name="variants", preprocess=False,
                               validator=handlers.validate_variants, concurrency_limit=1, concurrency_id=GPU_GROUP)
-        variants_gallery.select(handlers.pick_variant, [chosen_variants], opened, **gpu, **private).success(**remember)
-        history_gallery.select(handlers.pick_history, [history], opened, **gpu, **private).success(**remember)
+        variants_gallery.select(handlers.pick_variant, [chosen_variants], opened, validator=handlers.validate_pick,
+                                **gpu, **private).success(**remember)
+        history_gallery.select(handlers.pick_history, [history], opened, validator=handlers.validate_pick,
+                               **gpu, **private).success(**remember)
         clear.click(handlers.clear_history, None, [history, history_gallery], **private)
         demo.load(handlers.on_load, None, [status, *inputs, link_trigger], **private)
         demo.load(handlers.history_gallery, [history], [history_gallery], **private)

@@ -316,13 +316,13 @@ def test_vertex_coloured_glbs_carry_normals(client):
 # ---------------------------------------------------------------------------------------------
 # A crowd: a hundred requests at once, while stored results and the page keep answering
 # ---------------------------------------------------------------------------------------------
-CROWD, CROWD_QUEUE, IDENTICAL = 100, 12, 4
+CROWD, CROWD_QUEUE, IDENTICAL = 100, 8, 4
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(tmp_path_factory):
-    """100 concurrent generate requests on a server that lets 12 wait for the GPU, four of them identical
+    """100 concurrent generate requests on a server that lets 8 wait for the GPU, four of them identical
     (sent a moment ahead) and the rest with distinct seeds: each gets a mesh or "busy, try again" (never
     a bare error), the identical ones one mesh made once; meanwhile a stored result and the page answer
     within seconds; afterwards a fresh request works."""
@@ -361,7 +361,7 @@ def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(tmp_path_factor
             except ValidationError as exc:
                 assert "busy" in str(exc) and "try again" in str(exc), str(exc)
                 busy += 1
-        assert meshes + busy == CROWD and meshes >= CROWD_QUEUE // 2 and busy > 0
+        assert meshes + busy == CROWD and meshes >= CROWD_QUEUE and busy > 0  # the bound, no fewer
         # identical requests: the same mesh, made once (the others found it stored: single flight)
         assert len(identical) == IDENTICAL and len({glb for glb, _ in identical}) == 1
         assert sum(not cached for _, cached in identical) == 1
@@ -377,15 +377,19 @@ COLD_LOAD_SECONDS = 4
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
+    """The page answers while the weights load; requests made meanwhile are told so, wait, and succeed."""
     with slow_app(tmp_path_factory, "cold-start", load_seconds=COLD_LOAD_SECONDS) as server:
-        started = time.monotonic()
         client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
-        assert "model ready" not in server.log.read_text()  # the page answers while the weights load
-        with ThreadPoolExecutor(3) as pool:
-            results = list(pool.map(lambda seed: generate(client, seed=seed), (3, 4, 3)))
-        assert all(r["info"]["faces"] > 100 for r in results)
-        assert time.monotonic() - started >= COLD_LOAD_SECONDS * 0.5  # they did wait for the model
-        assert Path(results[0]["glb"]).read_bytes() == Path(results[2]["glb"]).read_bytes()
+        jobs = [client.submit(prompt="a frog wearing a sweater", seed=seed, randomize_seed=False, mesh_resolution=128,
+                              api_name="/generate") for seed in (3, 4, 3)]
+        said = set()
+        while not all(job.done() for job in jobs):
+            said |= {unit.desc for job in jobs for unit in (job.status().progress_data or []) if unit.desc}
+            time.sleep(0.05)
+        assert any(line.startswith("Loading the model") for line in said), said  # they waited for it
+        results = [job.result() for job in jobs]
+        assert all(info["faces"] > 100 for _, info, *_ in results)
+        assert Path(results[0][0]).read_bytes() == Path(results[2][0]).read_bytes()
 
 
 @pytest.mark.slow

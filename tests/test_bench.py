@@ -56,7 +56,7 @@ def test_small_run_reports_the_figures(small_run):
     # twice would show here).
     named = sum(v for k, v in result["stages"].items() if k != "other")
     assert 0 < result["median_s"] < wall and result["baseline_median_s"] < wall
-    assert 0.9 * result["median_s"] <= named <= result["median_s"] * 1.001
+    assert result["median_s"] - 0.05 - 0.1 * result["median_s"] <= named <= result["median_s"] * 1.001
     assert result["peak_rss_mb"] > 100 and result["mesh"]["faces"] > 0
     # same weights, same computation up to kernel rounding
     assert result["field_error"]["triplane_rel_max_abs"] < 1e-4

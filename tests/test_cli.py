@@ -78,6 +78,9 @@ def test_vertex_colours_obj_with_its_texture_and_stl(tmp_path, monkeypatch, caps
     (["a chair", "--tiny", "--device", "toaster"], "not a device"),
 ])
 def test_bad_input_exits_with_a_message(tmp_path, monkeypatch, capsys, args, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "no CUDA device" whatever the machine
     code, _, err = run(args, tmp_path, monkeypatch, capsys)
     assert code == 2 and message in err, err
     assert list(tmp_path.iterdir()) == []

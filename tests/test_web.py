@@ -161,12 +161,29 @@ def test_a_users_folder_that_looks_like_ours_is_refused_and_untouched(tmp_path):
     assert sorted(str(p.relative_to(user)) for p in user.rglob("*")) == before
 
 
-def test_a_marked_folder_with_foreign_files_is_refused(tmp_path):
+@pytest.mark.parametrize("path", ["files/notes.txt", "thumbs/notes.txt", "records/notes.txt", ".staging/notes.txt",
+                                  f"files/{'a' * 32}/notes.txt"])
+def test_a_marked_folder_with_foreign_files_is_refused(tmp_path, path):
+    """The app serves files/ and thumbs/ and deletes in all of its folders: anything there that it
+    would not have written makes it refuse the folder, untouched."""
     store = ResultStore(tmp_path / "out")
-    (store.root / "files" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputFolderError, match="'files/notes.txt'"):
+    (store.root / path).parent.mkdir(parents=True, exist_ok=True)
+    (store.root / path).write_text("mine")
+    with pytest.raises(OutputFolderError, match=f"'{path}'"):
         ResultStore(store.root)
-    assert (store.root / "files" / "notes.txt").read_text() == "mine"
+    assert (store.root / path).read_text() == "mine"
+
+
+def test_an_earlier_versions_folder_is_taken_over(tmp_path):
+    """What earlier versions kept beside their results (Gradio's example cache, a temporary folder)
+    is the app's own: removed, not refused."""
+    store = ResultStore(tmp_path / "out")
+    (store.root / "examples" / "abc").mkdir(parents=True)
+    (store.root / "examples" / "abc" / "log.csv").write_text("x")
+    (store.root / "tmp").mkdir()
+    (store.root / "files" / ".empty.glb.x1y2.tmp").write_bytes(b"")  # an atomic write a crash cut short
+    ResultStore(store.root)
+    assert not (store.root / "examples").exists() and not (store.root / "tmp").exists()
 
 
 def test_the_app_refuses_the_working_directory_as_output_folder(tmp_path, monkeypatch):
@@ -252,6 +269,9 @@ def test_history_is_newest_first_bounded_and_clearable(tmp_path):
     assert again["entries"][0] == history["entries"][3] and len(again["entries"]) == HISTORY_SIZE
     cleared, items = handlers.clear_history()
     assert cleared == {"version": 1, "entries": []} and cleared and items == []  # truthy: BrowserState stores it
+    for broken in ("x", ["x"], {"entries": "abc"}, {"entries": None}, None):  # whatever the browser's storage holds
+        fixed, gallery = handlers.remember(history["entries"][0], broken)
+        assert fixed["entries"] == [history["entries"][0]] and len(gallery) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,3 +535,26 @@ def test_the_gpu_backlog_is_read_from_gradios_queue(tmp_path):
     assert handlers.gpu_backlog() == 3
     busy = handlers.validate_generate("a chair", 5, False, 128)
     assert not busy[0]["is_valid"] and "3 requests are waiting" in busy[0]["message"]
+
+
+def test_a_burst_fills_the_queue_to_its_bound_and_no_further(tmp_path, monkeypatch):
+    """Requests let in are counted once, whether or not Gradio's queue shows them yet; those that
+    never start (the visitor left) stop counting when the next one starts."""
+    from gradio.queueing import EventQueue
+
+    loader = ModelLoader.loaded(StubPipe(sphere_output))
+    demo = webapp.build_demo(loader, tmp_path / "outputs", max_queue=5)
+    handlers = next(fn.fn.__self__ for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    queue = EventQueue(handlers_module.GPU_GROUP, 1)
+    demo._queue.event_queue_per_concurrency_id[handlers_module.GPU_GROUP] = queue
+    let_in = 0
+    for seed in range(20):  # Gradio appends each event a moment after its validator let it in
+        if all(v["is_valid"] for v in handlers.validate_generate("a chair", seed, False, 128, texture="vertex")):
+            let_in += 1
+            queue.queue.append(f"event {seed}")
+    assert let_in == 5 and handlers.waiting() == 5
+    queue.queue[:] = queue.queue[:2]  # two start in turn ... and three visitors left while queued
+    monkeypatch.setattr(time, "monotonic", lambda: 1e9)  # long after they were let in
+    handlers._started()
+    assert handlers.waiting() == 2
+    assert all(v["is_valid"] for v in handlers.validate_generate("a chair", 99, False, 128, texture="vertex"))

@@ -71,7 +71,7 @@ def box_unwrap(vertices: np.ndarray, faces: np.ndarray, size: int = 1024, paddin
         size: the texture side the atlas will be baked at (the packing's resolution).
         padding: texels between charts at that size.
         device: where to rasterise the atlas for the overlap check (default: the CPU).
-        return_owner: also return the check's rasterisation (what ``texture.texel_samples`` needs,
+        return_owner: also return the check's rasterisation (what ``texels.texel_samples`` needs,
             so that a bake does not rasterise the atlas twice).
     Returns:
         vmapping [V'] int64 (the mesh vertex each UV vertex copies), faces [F, 3] int64 in UV-vertex
@@ -146,7 +146,7 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
 
 def atlas_pixels(uv: np.ndarray | torch.Tensor, size: int, device=None) -> torch.Tensor:
     """UV [V, 2] -> pixel coordinates [V, 2] float64 for ``raster.rasterize_coverage`` (texel (c, r)
-    samples uv ((c + 0.5)/S, (r + 0.5)/S), as ``texture.rasterize_atlas``)."""
+    samples uv ((c + 0.5)/S, (r + 0.5)/S), as ``texels.rasterize_atlas``)."""
     return torch.as_tensor(uv, device=device).double() * size
 
 

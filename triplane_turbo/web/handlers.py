@@ -101,13 +101,15 @@ class Handlers:
             answered "busy, try again" at once.
     """
 
-    #: Seconds an admitted request counts as waiting before it shows up in Gradio's queue.
-    ADMISSION_WINDOW = 5.0
+    #: Seconds within which a request let in may not show in Gradio's queue yet (the validator runs
+    #: just before the event is appended; this only bounds the resynchronisation in ``_started``).
+    ADMISSION_WINDOW = 2.0
 
     def __init__(self, service: GenerationService, max_queue: int = 64):
         self.service, self.max_queue = service, max_queue
         self.demo: gr.Blocks | None = None  # set by app.py once built: the GPU queue's length is read from it
-        self._admitted: deque[float] = deque()  # when recent requests were let through to the GPU queue
+        self._pending = 0  # requests let in to the GPU queue that have not started yet
+        self._admitted: deque[float] = deque()  # when the recent ones were let in
         self._lock = threading.Lock()
 
     # -- the queue ---------------------------------------------------------------------------------
@@ -117,25 +119,35 @@ class Handlers:
         waiting = getattr(queue, "event_queue_per_concurrency_id", {}).get(GPU_GROUP)
         return len(waiting.queue) if waiting is not None else 0
 
-    def _busy(self, batch: list[Settings], storable: bool = True) -> str | None:
-        """The "busy" answer for a request that would wait behind ``max_queue`` others, else None.
+    def waiting(self) -> int:
+        """Requests waiting for the GPU: those let in and not started yet (validators run before Gradio
+        appends an event, so a burst is counted as it arrives), and never fewer than Gradio's queue holds."""
+        return max(self.gpu_backlog(), self._pending)
 
-        Validators run before Gradio appends the event, so a burst of requests all see the queue as
-        it was: the requests let through in the last ``ADMISSION_WINDOW`` seconds count as waiting
-        too (a burst is counted as it arrives; at worst a request is turned away a few seconds early).
-        """
+    def _busy(self, batch: list[Settings], storable: bool = True) -> str | None:
+        """The "busy" answer for a request that would wait behind ``max_queue`` others, else None
+        (and the request is counted as waiting until its handler starts)."""
         if storable and all(self.service.stored(s) for s in batch):
             return None  # answered from the store, never queued
         with self._lock:
-            now = time.monotonic()
-            while self._admitted and now - self._admitted[0] > self.ADMISSION_WINDOW:
-                self._admitted.popleft()
-            waiting = self.gpu_backlog() + len(self._admitted)
+            waiting = self.waiting()
             if waiting < self.max_queue:
-                self._admitted.append(now)
+                self._pending += 1
+                self._admitted.append(time.monotonic())
                 return None
         return (f"The server is busy: {waiting} requests are waiting for the GPU. Please try again in a minute "
                 "(stored results, such as shared links, are still answered at once).")
+
+    def _started(self) -> None:
+        """A GPU event's handler begins: one request fewer waits. Requests let in that never start (the
+        visitor left while queued, or the result turned up stored before queueing) are dropped from
+        the count here too: it can never exceed Gradio's queue plus what was let in just now."""
+        with self._lock:
+            self._pending = max(0, self._pending - 1)
+            now = time.monotonic()
+            while self._admitted and now - self._admitted[0] > self.ADMISSION_WINDOW:
+                self._admitted.popleft()
+            self._pending = min(self._pending, self.gpu_backlog() + len(self._admitted))
 
     @staticmethod
     def _verdict(fields: list[str], failed: str | None = None, message: str = "") -> list:
@@ -160,6 +172,26 @@ class Handlers:
             return self._verdict(VARIANT_PARAMETERS, exc.field, str(exc))
         busy = self._busy(batch)
         return self._verdict(VARIANT_PARAMETERS, "prompt" if busy else None, busy or "")
+
+    def validate_example(self, prompt):
+        try:
+            settings, _ = settings_from_inputs(prompt, EXAMPLE_SEED, False, DEFAULT_RESOLUTION)
+        except InputError as exc:
+            return [gr.validate(False, str(exc))]
+        busy = self._busy([settings])
+        return [gr.validate(busy is None, busy or "")]
+
+    def validate_pick(self, entries):
+        """A click on a variant or a history entry (which one is not known yet): let in when every
+        entry of the list is stored or the GPU queue has room."""
+        batch = []
+        for entry in entries if isinstance(entries, list) else history_entries(entries):
+            try:
+                batch.append(settings_from_entry(entry))
+            except InputError:
+                continue  # the handler says what is wrong with it
+        busy = self._busy(batch) if batch else None
+        return [gr.validate(busy is None, busy or "")]
 
     # -- generate ------------------------------------------------------------------------------------
     @answers_from_store
@@ -192,6 +224,7 @@ class Handlers:
                 return
             if probe:
                 raise CacheMissError()
+            self._started()
             report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
             for event in self.service.produce([settings], report, fail_on_empty=True):
                 if isinstance(event, FirstLook):
@@ -229,6 +262,8 @@ class Handlers:
             found = [self.service.stored(s) for s in batch]
             if probe and not all(found):
                 raise CacheMissError()
+            if not probe:
+                self._started()
             entries: dict[int, Entry] = {i: e for i, e in enumerate(found) if e is not None}
             if len(entries) < len(batch):
                 report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
@@ -275,7 +310,7 @@ class Handlers:
     def pick_history(self, history, evt: gr.SelectData, request: gr.Request = None, progress=gr.Progress()):
         """A click on a history entry: restored from the store, or made again from its settings."""
         def settings():
-            entries = (history or {}).get("entries", []) if isinstance(history, dict) else []
+            entries = history_entries(history)
             if evt.index is None or not 0 <= evt.index < len(entries):
                 raise InputError("entry", "That history entry is gone.")
             return settings_from_entry(entries[evt.index])
@@ -285,7 +320,7 @@ class Handlers:
     # -- the history, kept in the browser ----------------------------------------------------------------
     def remember(self, result, history):
         """Puts the latest result first in the browser's history (bounded, no duplicates)."""
-        entries = [e for e in (history or {}).get("entries", []) if not _same(e, result)]
+        entries = [e for e in history_entries(history) if not _same(e, result)]
         if result:
             entries.insert(0, result)
         history = {"version": 1, "entries": entries[:HISTORY_SIZE]}
@@ -296,7 +331,7 @@ class Handlers:
         one no longer stored the browser's thumbnail is decoded, bounded and re-encoded into the
         store's thumbnail budget. Broken entries are left out."""
         items = []
-        for entry in (history or {}).get("entries", [])[:HISTORY_SIZE] if isinstance(history, dict) else []:
+        for entry in history_entries(history)[:HISTORY_SIZE]:
             try:
                 settings = settings_from_entry(entry)
                 stored = self.service.stored(settings)
@@ -324,6 +359,12 @@ class Handlers:
         return (status, link.prompt, gr.skip() if link.seed is None else link.seed, link.randomize, link.resolution,
                 link.remove_floaters, link.simplify, link.faces if link.faces else gr.skip(),
                 texture_label(link.texture), time.time_ns())
+
+
+def history_entries(history) -> list:
+    """The entries of a history the browser sent (it can hold anything): a list, or empty."""
+    entries = history.get("entries") if isinstance(history, dict) else None
+    return entries if isinstance(entries, list) else []
 
 
 def _same(a, b) -> bool:

@@ -36,6 +36,20 @@ from ..fileio import write_atomic
 _KEY = re.compile(r"[0-9a-f]{32}")
 MARKER = ".triplane-turbo-results"
 _TOP = {MARKER, "files", "records", "thumbs", ".staging"}
+#: What earlier versions of the app kept in a folder with its marker (Gradio's example cache, a
+#: temporary folder): the app's own, removed when it takes the folder.
+_LEGACY = {"examples", "tmp"}
+#: The names the app gives to what it writes in each folder (``.name.*.tmp``: an atomic write that a
+#: crash interrupted; ``tmp*``: an entry being staged).
+_OWN_NAMES = {
+    "files": re.compile(r"[0-9a-f]{32}(\.pending)?|empty\.glb|\.empty\.glb\..*\.tmp"),
+    "records": re.compile(r"[0-9a-f]{32}\.json|\.[0-9a-f]{32}\.json\..*\.tmp"),
+    "thumbs": re.compile(r"[0-9a-f]{32}\.jpg|\.[0-9a-f]{32}\.jpg\..*\.tmp"),
+    ".staging": re.compile(r"tmp[\w]+"),
+}
+#: The files of one result's folder (``files/<key>/`` and ``files/<key>.pending/``).
+_ENTRY_FILE = re.compile(r"triplaneturbo-[0-9a-f]{12}(\.glb|-obj\.zip|\.ply|\.stl|-preview\.png|-preview\.glb)"
+                         r"|\..*\.tmp")
 #: Fraction of the byte budget that browser thumbnails may take (the rest is for results).
 THUMB_SHARE = 0.02
 #: Thumbnails are small (96² JPEG, a few kB): at most this many are kept whatever the budget.
@@ -80,19 +94,23 @@ class ResultStore:
         return [self.root / "files", self.root / "thumbs"]
 
     def _claim_root(self) -> None:
-        """Take the folder if it is new, empty, or this app's (its marker, and only names this
-        app makes); otherwise refuse, touching nothing."""
+        """Take the folder if it is new, empty, or this app's (its marker, and in each of its
+        folders only names this app gives); otherwise refuse, touching nothing."""
         self.root.mkdir(parents=True, exist_ok=True)
         names = set(os.listdir(self.root))
         if names and MARKER not in names:
             raise OutputFolderError(self._refusal(sorted(names), "is not empty and was not made by this app"))
-        foreign = sorted(names - _TOP)
-        files = self.root / "files"
-        if files.is_dir():
-            foreign += [f"files/{n}" for n in sorted(os.listdir(files))
-                        if not (_KEY.fullmatch(n.removesuffix(".pending")) or n == "empty.glb")]
+        foreign = sorted(names - _TOP - _LEGACY)
+        for folder, own in _OWN_NAMES.items():
+            if (self.root / folder).is_dir():
+                foreign += [f"{folder}/{n}" for n in sorted(os.listdir(self.root / folder)) if not own.fullmatch(n)]
+        for entry in (self.root / "files").glob("*") if (self.root / "files").is_dir() else []:
+            if entry.is_dir() and _KEY.fullmatch(entry.name.removesuffix(".pending")):
+                foreign += [f"files/{entry.name}/{n}" for n in sorted(os.listdir(entry)) if not _ENTRY_FILE.fullmatch(n)]
         if foreign:
             raise OutputFolderError(self._refusal(foreign, "holds files this app did not make"))
+        for name in names & _LEGACY:
+            shutil.rmtree(self.root / name, ignore_errors=True)
         (self.root / MARKER).touch()
 
     def _refusal(self, names: list[str], why: str) -> str:
@@ -151,7 +169,6 @@ class ResultStore:
             with self._lock:
                 shutil.rmtree(self.root / "files" / key, ignore_errors=True)  # a stale or incomplete entry
                 os.replace(staging, self.root / "files" / key)
-                shutil.rmtree(self.root / "files" / f"{key}.pending", ignore_errors=True)  # its first look is done
                 write_atomic(self.root / "records" / f"{key}.json",
                              json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
         except BaseException:
@@ -161,7 +178,8 @@ class ResultStore:
 
     def pending_glb(self, key: str, mesh) -> Path:
         """A vertex-coloured GLB shown while the texture bakes (``files/<key>.pending/``, removed
-        when the entry is stored, or by ``enforce_limits`` after ten minutes if it never is)."""
+        by ``enforce_limits`` ten minutes later: a browser may still be fetching it when the
+        texture is done)."""
         folder = self.root / "files" / f"{key}.pending"
         folder.mkdir(exist_ok=True)
         path = folder / f"triplaneturbo-{key[:12]}-preview.glb"
