@@ -27,7 +27,7 @@ from pathlib import Path
 from . import cli
 from .config import MAX_SEED
 from .export import FORMATS
-from .manifest import (BatchSettings, PromptLine, RankManifest, line_seed, make_record,  # noqa: F401
+from .manifest import (MANIFEST, BatchSettings, PromptLine, RankManifest, line_seed, make_record,  # noqa: F401
                        merge_manifest, output_name, pending_lines, read_prompts, read_records)
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,39 @@ def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSetti
     return stats
 
 
+def run_split(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSettings, state, *, base_seed: int = 0,
+              batch_size: int = 1, workers: int = 0, bar: bool = True) -> tuple[BatchStats, int]:
+    """``run_batch`` for every line without a finished mesh, split across ``state``'s processes
+    (accelerate's ``PartialState``; every process calls this), with the merged manifest written at
+    the end; returns this process's stats and how many lines were done before.
+
+    In order, each step finished by every process before the next: stale half-written files removed,
+    each process's record file repaired, the finished lines read, then the split and the generation.
+    """
+    from tqdm.auto import tqdm
+
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp"):  # half-written files of a run that was killed
+            stale.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    RankManifest(out_dir, state.process_index)  # repair this process's file before anyone reads
+    state.wait_for_everyone()
+    todo = pending_lines(lines, out_dir, base_seed, settings)
+    state.wait_for_everyone()  # everyone has read the records before anyone writes new ones
+    with state.split_between_processes(todo) as mine:
+        progress = tqdm(total=len(todo), desc="meshes", unit="line", disable=not (bar and state.is_main_process))
+        stats = run_batch(pipe, list(mine), out_dir, settings, base_seed=base_seed, batch_size=batch_size,
+                          rank=state.process_index, progress=lambda n: progress.update(n * state.num_processes),
+                          workers=workers)
+        progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_manifest(out_dir, settings)
+    state.wait_for_everyone()
+    return stats, len(lines) - len(todo)
+
+
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
@@ -228,29 +261,10 @@ def main(argv=None) -> int:
 
     state = PartialState(cpu=use_cpu)
     settings = BatchSettings(args.resolution, args.format, args.texture, args.texture_size, args.faces, args.unwrap)
-    lines = read_prompts(args.prompts)
+    stats, done_before = run_split(pipe, read_prompts(args.prompts), args.out, settings, state, base_seed=args.seed,
+                                   batch_size=args.batch_size, workers=args.workers, bar=not args.quiet)
     if state.is_main_process:
-        args.out.mkdir(parents=True, exist_ok=True)
-        for stale in args.out.glob(".*.tmp"):  # half-written files of a run that was killed
-            stale.unlink(missing_ok=True)
-    state.wait_for_everyone()
-    RankManifest(args.out, state.process_index)  # repair this process's file before anyone reads
-    state.wait_for_everyone()
-    todo = pending_lines(lines, args.out, args.seed, settings)
-    state.wait_for_everyone()  # everyone has read the records before anyone writes new ones
-    done_before = len(lines) - len(todo)
-
-    with state.split_between_processes(todo) as mine:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="meshes", unit="line", disable=args.quiet or not state.is_main_process)
-        stats = run_batch(pipe, list(mine), args.out, settings, base_seed=args.seed, batch_size=args.batch_size,
-                          rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes),
-                          workers=args.workers)
-        bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        manifest = merge_manifest(args.out, settings)
+        manifest = args.out / MANIFEST
         records = read_records(args.out, settings)
         ok = sum(r.get("status") == "ok" for r in records.values())
         errors = sum(r.get("status") == "error" for r in records.values())

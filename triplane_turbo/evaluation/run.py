@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch import run_batch
-from ..manifest import (PromptLine, RankManifest, line_seed, merge_manifest, output_name, pending_lines,
-                        read_records)
+from ..batch import run_split
 from ..fileio import write_atomic
+from ..manifest import PromptLine, line_seed, output_name, read_records
 from . import report, views
 from .clip import clip_metrics
 from .protocol import EvalSettings, clip_text, dropped, prompt_lines, read_eval_prompts
@@ -119,24 +118,8 @@ def generate_meshes(pipe, lines: list[PromptLine], meshes_dir: Path, settings: E
     across ``state``'s processes; returns every line's job once all processes are done. ``workers``:
     threads that bake UV textures while the networks run (``batch.run_batch``)."""
     batch = settings.batch_settings()
-    if state.is_main_process:
-        meshes_dir.mkdir(parents=True, exist_ok=True)
-        for stale in meshes_dir.glob(".*.tmp"):  # half-written files of a run that was killed
-            stale.unlink(missing_ok=True)
-    state.wait_for_everyone()
-    RankManifest(meshes_dir, state.process_index)  # repair this process's record file before anyone reads
-    state.wait_for_everyone()
-    todo = pending_lines(lines, meshes_dir, settings.seed, batch)
-    state.wait_for_everyone()  # everyone has read the records before anyone writes new ones
-    with state.split_between_processes(todo) as mine:
-        bar = _bar(len(todo), "meshes", progress and state.is_main_process)
-        run_batch(pipe, list(mine), meshes_dir, batch, base_seed=settings.seed, batch_size=batch_size,
-                  rank=state.process_index, progress=lambda n: bar.update(n * state.num_processes), workers=workers)
-        bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merge_manifest(meshes_dir, batch)
-    state.wait_for_everyone()
+    run_split(pipe, lines, meshes_dir, batch, state, base_seed=settings.seed, batch_size=batch_size, workers=workers,
+              bar=progress)
     records = read_records(meshes_dir, batch)
     jobs = []
     for item in lines:
