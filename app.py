@@ -73,8 +73,8 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
                     resolution = gr.Dropdown(list(RESOLUTIONS), value=DEFAULT_RESOLUTION, label="Mesh resolution",
                                              info="Marching-cubes grid per axis: finer meshes take longer.")
                     texture = gr.Radio(list(TEXTURES), value=texture_label("uv"), label="Colours", elem_id="texture",
-                                       info=f"A baked texture ({texture_size}²) keeps the detail on light meshes; vertex "
-                                            "colours are quicker.")
+                                       info=f"A baked texture ({texture_size}²; about half a second of CPU work per "
+                                            "mesh) keeps the field's detail; vertex colours are shown first either way.")
                     floaters = gr.Checkbox(label="Remove small floating parts", value=False)
                     with gr.Row():
                         simplify = gr.Checkbox(label="Simplify to a target face count (adds a normal map)", value=False)
