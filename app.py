@@ -1,8 +1,7 @@
 """TriplaneTurbo web app: text -> textured 3D mesh. The page's layout and wiring; the rest lives in
 ``triplane_turbo.web`` (settings, store, model loading, generation service, Gradio handlers).
 
-    python app.py           # the published weights (fetched once from the Hugging Face Hub)
-    python app.py --tiny    # offline, on a tiny random model (the shapes are meaningless)
+    python app.py [--tiny]    # the published weights (fetched once from the Hub), or a tiny random model offline
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ HISTORY_STORAGE = dict(storage_key="triplane-turbo-history-v1", secret="triplane
 
 
 def load_examples(path: Path = ASSETS / "examples.txt") -> list[str]:
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    return [s for s in map(str.strip, path.read_text(encoding="utf-8").splitlines()) if s and not s.startswith("#")]
 
 
 def on_zero_gpu() -> bool:
