@@ -13,7 +13,7 @@ from triplane_turbo.export import export_mesh, to_display_frame
 from triplane_turbo.isosurface import simplify
 from triplane_turbo.raster import rasterize_coverage
 from triplane_turbo.tangents import mikktspace
-from triplane_turbo.texels import atlas_owner, fill_gutters, rasterize_atlas, texel_layout, texel_samples
+from triplane_turbo.texels import atlas_owner, texel_layout, texel_samples
 from triplane_turbo.texture import bake_texture, sdf_normals, triangle_atlas, unwrap, vertex_colors
 from triplane_turbo.triplane import PlaneQuery, TriplaneFields
 
@@ -210,7 +210,7 @@ def test_unwrap_packs_one_atlas_without_overlaps(baked):
     _, _, mesh, texture = baked
     assert np.array_equal(texture.vmapping[texture.faces], mesh.faces)
     assert texture.uv.min() >= 0 and texture.uv.max() <= 1 and len(texture.uv) >= len(mesh.vertices)
-    covered = rasterize_atlas(torch.tensor(texture.uv), torch.tensor(texture.faces), SIZE)[..., 3] > 0
+    covered = atlas_owner(torch.tensor(texture.uv), torch.tensor(texture.faces), SIZE) >= 0
     uv_area = trimesh.triangles.area(np.pad(texture.uv[texture.faces], ((0, 0), (0, 0), (0, 1)))).sum()
     # overlapping charts would cover fewer texels than their summed area
     assert float(covered.float().mean()) == pytest.approx(uv_area, rel=0.03)
@@ -231,14 +231,22 @@ def test_a_rough_mesh_unwraps_without_overlaps(method):
         assert len(uv) == 3 * len(sphere.faces) and np.array_equal(triangle_atlas(sphere.faces, SIZE)[2], uv)
 
 
-def test_fill_gutters_copies_the_nearest_covered_texel():
-    image = np.zeros((5, 5, 3), np.uint8)
-    covered = np.zeros((5, 5), bool)
-    image[1, 1], covered[1, 1] = (200, 0, 0), True
-    image[3, 4], covered[3, 4] = (0, 0, 100), True
-    filled = fill_gutters(image, covered)
-    assert tuple(filled[0, 0]) == (200, 0, 0) and tuple(filled[4, 4]) == (0, 0, 100)
-    assert tuple(filled[1, 1]) == (200, 0, 0) and tuple(filled[3, 4]) == (0, 0, 100)
+def test_gutters_copy_the_nearest_covered_texel():
+    # two small triangles far apart in a 32² atlas, each covering a few texel centres
+    uv = torch.tensor([[2, 2], [8, 2], [2, 8], [27, 24], [30, 24], [30, 30]], dtype=torch.float64) / 32
+    faces = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    layout = texel_layout(uv, faces, 32)
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])[layout.triangle]  # red for face 0, blue for face 1
+    image = layout.image(colours)  # rows top-down
+    covered = (atlas_owner(uv, faces, 32) >= 0).numpy()
+    rows, cols = np.nonzero(covered)
+    owner = atlas_owner(uv, faces, 32).numpy()
+    for r, c in [(0, 0), (31, 31), (31, 0), (0, 31), (16, 16), (20, 10)]:  # bottom-up row r
+        nearest = np.argmin((rows - r) ** 2 + (cols - c) ** 2)
+        expected = (255, 0, 0) if owner[rows[nearest], cols[nearest]] == 0 else (0, 0, 255)
+        assert tuple(image[31 - r, c]) == expected, (r, c)
+    assert (image[::-1][covered & (owner == 0)] == (255, 0, 0)).all()
+    assert (image[::-1][covered & (owner == 1)] == (0, 0, 255)).all()
 
 
 def test_texels_around_a_chart_extend_its_triangles_and_a_sliver_is_clamped():

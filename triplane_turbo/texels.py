@@ -1,5 +1,5 @@
 """Where each texel of a UV atlas samples the surface: the atlas rasterised in UV space, texels just
-outside a chart extended onto its nearest triangle, and the gutters filled from the nearest baked
+outside a chart extended onto its nearest triangle, and the gutters filled from the nearest covered
 texel. What ``texture.bake_texture`` queries the fields at.
 
 Convention: rasterised rows run bottom-up (row r, column c samples uv ((c + 0.5)/S, (r + 0.5)/S));
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .raster import rasterize, rasterize_coverage
+from .raster import rasterize_coverage
 from .uv import ATLAS_SUBPIXEL_BITS, atlas_pixels
 
 
@@ -28,15 +28,6 @@ EXTENDED_TEXELS = 2.5
 
 
 
-def rasterize_atlas(uv: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
-    """The atlas's triangles rasterised in UV space: rast [S, S, 4], row 0 at v ≈ 0 (bottom).
-
-    Texel (row r, column c) samples uv ((c + 0.5)/S, (r + 0.5)/S).
-    """
-    clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], dim=1)
-    return rasterize(clip, faces, (size, size))[0]
-
-
 def atlas_owner(uv: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
     """owner [S, S] int64: the face whose UV triangle each texel centre falls in (-1: none), rows
     bottom-up; texel (r, c) samples uv ((c + 0.5)/S, (r + 0.5)/S). The lowest face wins where
@@ -44,27 +35,16 @@ def atlas_owner(uv: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tenso
     return rasterize_coverage(atlas_pixels(uv, size), faces, (size, size), subpixel_bits=ATLAS_SUBPIXEL_BITS)[0]
 
 
-def fill_gutters(image: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """Every uncovered texel takes the value of its nearest covered texel (Euclidean).
-
-    Args:
-        image: [H, W, C] texel values (only covered ones are meaningful).
-        covered: [H, W] bool.
-    """
-    if covered.all() or not covered.any():
-        return image
-    return image.reshape(-1, image.shape[-1])[_nearest_covered(covered)].reshape(image.shape)
-
-
-def _nearest_covered(covered: np.ndarray, distances: bool = False):
-    """For every texel of ``covered`` [H, W], the flat index of its nearest covered texel [H·W]
-    (itself where covered), and with ``distances`` the distance to it [H, W] in texels."""
+def _nearest_covered(covered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every texel of ``covered`` [H, W], the flat index [H·W] of its nearest covered texel
+    (Euclidean; itself where covered) and the squared distance to it [H·W] in texels² (integers)."""
     from scipy.ndimage import distance_transform_edt
 
-    result = distance_transform_edt(~covered, return_distances=distances, return_indices=True)
-    distance, (rows, cols) = result if distances else (None, result)
-    nearest = (rows.astype(np.int64) * covered.shape[1] + cols).reshape(-1)
-    return (nearest, distance) if distances else nearest
+    height, width = covered.shape
+    rows, cols = distance_transform_edt(~covered, return_distances=False, return_indices=True)
+    # the squared distance from the indices, exactly (scipy's distances would cost a float pass more)
+    squared = (rows - np.arange(height)[:, None]) ** 2 + (cols - np.arange(width)[None, :]) ** 2
+    return (rows.astype(np.int64) * width + cols).reshape(-1), squared.reshape(-1)
 
 
 @dataclass
@@ -76,14 +56,16 @@ class TexelLayout:
         triangle: [N] int64, the face each of the N masked texels (row-major) samples.
         centre: [N, 2] float64, the UV point it samples: the texel centre, moved onto the triangle for
             the few texels of a sliver (``SLIVER_TEXELS``) that fall outside it.
-        nearest: [S·S] int64 (CPU), each texel's nearest covered texel (itself where covered).
+        source: [S·S] int64, for each texel of the image (rows top-down, as ``image`` writes it) the
+            masked texel (an index into the N) whose value it shows: its own, or in the gutters
+            beyond the mask its nearest covered texel's.
         uv, faces: the atlas, [V', 2] and [F, 3] tensors.
     """
 
     mask: torch.Tensor
     triangle: torch.Tensor
     centre: torch.Tensor
-    nearest: np.ndarray
+    source: torch.Tensor
     uv: torch.Tensor
     faces: torch.Tensor
 
@@ -119,12 +101,10 @@ class TexelLayout:
     def image(self, values: torch.Tensor) -> np.ndarray:
         """Values [N, 3] in [0, 1] of the masked texels -> a top-down uint8 image [S, S, 3], the gutters filled."""
         size = self.mask.shape[0]
-        flat = np.zeros((size * size, 3), np.uint8)
-        inside = self.mask.reshape(-1).cpu().numpy()
-        flat[inside] = to_uint8(values.float().cpu().numpy())
-        # texels outside the mask (beyond the extended ring) copy their nearest covered texel
-        flat[~inside] = flat[self.nearest[~inside]]
-        return np.ascontiguousarray(flat.reshape(size, size, 3)[::-1])  # rasterised bottom-up; images are top-down
+        if len(values) == 0:
+            return np.zeros((size, size, 3), np.uint8)
+        quantised = (values.float() * 255).round_().clamp_(0, 255).to(torch.uint8)  # as ``to_uint8``
+        return quantised[self.source].reshape(size, size, 3).cpu().numpy()
 
 
 #: A UV triangle narrower than this (its smallest altitude, in texels) is a sliver: its barycentric
@@ -159,7 +139,7 @@ def texel_samples(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: floa
 
 def texel_layout(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: float = EXTENDED_TEXELS,
                   owner: torch.Tensor | None = None) -> TexelLayout:
-    """``texel_samples``, and the gutter's nearest-texel map (one distance transform serves both).
+    """``texel_samples``, and where each gutter texel copies from (one distance transform serves both).
 
     ``owner``: ``atlas_owner(uv, faces, size)`` if the caller has it already.
     """
@@ -168,15 +148,19 @@ def texel_layout(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: float
     owner = atlas_owner(uv, faces, size) if owner is None else owner
     covered = (owner >= 0).cpu().numpy()
     if covered.any():
-        nearest, distance = _nearest_covered(covered, distances=True)
-        ring = torch.as_tensor(~covered & (distance <= extend), device=device).reshape(-1)
+        nearest, squared = (torch.as_tensor(array, device=device) for array in _nearest_covered(covered))
+        ring = torch.as_tensor(~covered.reshape(-1), device=device) & (squared <= extend ** 2)
         owner = owner.reshape(-1).clone()
-        owner[ring] = owner[torch.as_tensor(nearest, device=device)[ring]]
+        owner[ring] = owner[nearest[ring]]
         owner = owner.reshape(size, size)
     else:
-        nearest = np.arange(size * size)
+        nearest = torch.arange(size * size, device=device)
     mask = owner >= 0
-    texel = mask.reshape(-1).nonzero().squeeze(1)
+    flat_mask = mask.reshape(-1)
+    texel = flat_mask.nonzero().squeeze(1)
+    # each texel shows its own sample, or beyond the mask its nearest covered texel's (covered ⊆ mask)
+    rank = torch.cumsum(flat_mask, 0) - 1
+    source = torch.where(flat_mask, rank, rank[nearest]).clamp(min=0).reshape(size, size).flip(0).reshape(-1)
     tri = owner.reshape(-1)[texel]
     centre = torch.stack([(texel % size).double() + 0.5, torch.div(texel, size, rounding_mode="floor").double() + 0.5],
                          -1) / size
@@ -187,7 +171,7 @@ def texel_layout(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: float
         outside = _barycentric(centre[sliver], a, b, c).min(1).values < 0
         index = sliver.nonzero().squeeze(1)[outside]
         centre[index] = _closest_on_triangle(centre[index], a[outside], b[outside], c[outside])
-    return TexelLayout(mask, tri, centre, nearest, uv, faces)
+    return TexelLayout(mask, tri, centre, source, uv, faces)
 
 
 def _barycentric(p, a, b, c):
@@ -216,5 +200,4 @@ def _closest_on_triangle(p, a, b, c):
     return best
 
 
-__all__ = ["EXTENDED_TEXELS", "TexelLayout", "atlas_owner", "fill_gutters", "rasterize_atlas", "texel_layout",
-           "texel_samples", "to_uint8"]
+__all__ = ["EXTENDED_TEXELS", "TexelLayout", "atlas_owner", "texel_layout", "texel_samples", "to_uint8"]

@@ -146,7 +146,7 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
 
 def atlas_pixels(uv: np.ndarray | torch.Tensor, size: int, device=None) -> torch.Tensor:
     """UV [V, 2] -> pixel coordinates [V, 2] float64 for ``raster.rasterize_coverage`` (texel (c, r)
-    samples uv ((c + 0.5)/S, (r + 0.5)/S), as ``texels.rasterize_atlas``)."""
+    samples uv ((c + 0.5)/S, (r + 0.5)/S), as ``texels.atlas_owner``)."""
     return torch.as_tensor(uv, device=device).double() * size
 
 
