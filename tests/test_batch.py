@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class StubPipe:
     """Makes a sphere per prompt; raises CUDA OOM for batches over ``max_batch``, fails on 'boom'."""
 
     revision = "stub"
+    device = torch.device("cpu")
 
     def __init__(self, max_batch=8):
         self.max_batch, self.calls = max_batch, []
@@ -198,19 +200,66 @@ def test_a_line_from_the_batch_equals_the_command_line(tmp_path, monkeypatch, ca
     assert np.abs(colors(a) - colors(b)).max() <= 1
 
 
-def test_baking_on_worker_threads_writes_the_same_files(tmp_path, tiny_pipe):
-    """Textures baked and files written on threads while the networks make the next batch: the
-    same bytes as in line, every line recorded once."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-turns", "overlap"])
+def test_baking_on_worker_threads_writes_the_same_files(tmp_path, tiny_pipe, overlap):
+    """Textures baked and files written on threads (side by side between batches, or while the
+    networks make the next batch): the same bytes as in line, every line recorded once, and the
+    calling thread's torch thread count untouched by the threads' one each."""
     lines = [PromptLine(1, "a wooden chair"), PromptLine(2, "a teapot"), PromptLine(3, "a lamp")]
     settings = BatchSettings(mesh_resolution=48, texture="uv", texture_size=128)
+    threads = torch.get_num_threads()
     for workers in (0, 2):
         out = tmp_path / f"workers-{workers}"
         out.mkdir()
-        stats = run_batch(tiny_pipe, lines, out, settings, batch_size=2, workers=workers)
+        stats = run_batch(tiny_pipe, lines, out, settings, batch_size=2, workers=workers, overlap=overlap)
         assert stats.ok == 3 and stats.errors == 0 and stats.batch_sizes == [2, 1]
+    assert torch.get_num_threads() == threads
     records = {w: read_records(tmp_path / f"workers-{w}") for w in (0, 2)}
     assert sorted(records[2]) == [1, 2, 3] and all(r["status"] == "ok" for r in records[2].values())
     for line in (1, 2, 3):
         name = records[0][line]["file"]
         assert records[2][line]["file"] == name
         assert (tmp_path / "workers-0" / name).read_bytes() == (tmp_path / "workers-2" / name).read_bytes()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-turns", "overlap"])
+def test_baking_threads_take_turns_with_cpu_networks_or_overlap_them(tmp_path, tiny_pipe, monkeypatch, overlap):
+    """On the CPU a batch's two meshes bake at the same time (a barrier both must reach) and the
+    networks never run during a bake; with ``overlap`` the first batch's bakes wait until the next
+    batch's networks have started (which the other mode would never allow: its bakes would time out)."""
+    from triplane_turbo import TriplaneTurboPipeline
+
+    lock, baking, networks_during_bake, calls = threading.Lock(), [0], [], []
+    side_by_side = threading.Barrier(2, timeout=30)
+    next_networks = threading.Event()
+    bake, call = tiny_pipe.mesher.bake_textures, TriplaneTurboPipeline.__call__
+
+    def watched_bake(*args, **kwargs):
+        with lock:
+            baking[0] += 1
+        try:
+            if overlap:
+                assert next_networks.wait(timeout=30), "the next batch's networks did not start during the bake"
+            else:
+                side_by_side.wait()
+            return bake(*args, **kwargs)
+        finally:
+            with lock:
+                baking[0] -= 1
+
+    def watched_call(self, *args, **kwargs):
+        with lock:
+            networks_during_bake.append(baking[0] > 0)
+            calls.append(1)
+        if len(calls) == 2:
+            next_networks.set()
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.mesher, "bake_textures", watched_bake)
+    monkeypatch.setattr(TriplaneTurboPipeline, "__call__", watched_call)
+    lines = [PromptLine(i + 1, p) for i, p in enumerate(["a wooden chair", "a teapot", "a lamp", "a frog"])]
+    settings = BatchSettings(mesh_resolution=48, texture="uv", texture_size=64)
+    stats = run_batch(tiny_pipe, lines, tmp_path, settings, batch_size=2, workers=2, overlap=overlap)
+    assert stats.ok == 4 and stats.errors == 0 and len(calls) == 2
+    if not overlap:
+        assert networks_during_bake == [False, False]

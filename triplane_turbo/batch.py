@@ -10,7 +10,8 @@ process or many through accelerate.
   (split afresh across however many processes run it).
 * Bad lines never stop the batch: blank lines are skipped, control characters removed, lines over
   1,000 characters get an error record; a CUDA out-of-memory error halves the batch and retries.
-* With UV textures, ``--workers`` threads bake and write one batch while the networks make the next.
+* With UV textures, ``--workers`` threads bake and write the meshes: while the networks make the next
+  batch when those run on an accelerator, or several meshes at once between batches on the CPU.
 """
 
 from __future__ import annotations
@@ -49,21 +50,30 @@ class BatchStats:
 
 
 class _Finisher:
-    """Writes each generated mesh (texture bake, export, record): in line, or on ``workers`` threads
-    while the networks make the next batch. Torch, xatlas and the encoders release the GIL for their
-    heavy parts, so threads overlap the CPU part of one batch with the (GPU) networks of the next;
-    at most ``2 · workers`` meshes wait, which bounds the memory they hold."""
+    """Writes each generated mesh (texture bake, export, record): in line, or on ``workers`` threads.
+    Torch, numpy and the encoders release the GIL for their heavy parts, so the threads run in parallel.
+
+    With ``overlap`` (networks on an accelerator) the threads bake one batch while the networks make
+    the next; at most ``2 · workers`` meshes wait, which bounds the memory they hold. Without it (the
+    networks on the CPU, whose cores they would fight over) the threads bake a batch's meshes side by
+    side and the next batch waits for them: much of a bake is single-threaded numpy, so two bakes on
+    one core each beat one on two (measured on 2 cores: 0.23 s against 0.29 s per mesh). Each thread
+    runs torch's CPU operations on one core (``torch.set_num_threads`` is per thread with OpenMP, the
+    backend of PyTorch's builds; the main thread keeps its count, which a test checks)."""
 
     def __init__(self, pipe, out_dir: Path, settings: BatchSettings, manifest: RankManifest, stats: BatchStats,
-                 base_seed: int, rank: int, workers: int, progress):
+                 base_seed: int, rank: int, workers: int, progress, overlap: bool):
         from concurrent.futures import ThreadPoolExecutor
+
+        import torch
 
         self.pipe, self.out_dir, self.settings, self.manifest = pipe, out_dir, settings, manifest
         self.stats, self.base_seed, self.rank, self.progress = stats, base_seed, rank, progress
         self.deferred = workers > 0 and settings.texture == "uv"  # baking is what threads take over
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="batch-finish") if workers > 0 else None
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="batch-finish", initializer=torch.set_num_threads,
+                                       initargs=(1,)) if workers > 0 else None
         self.pending: list = []
-        self.workers = workers
+        self.workers, self.overlap = workers, overlap
         self._lock = threading.Lock()
 
     def record(self, item: PromptLine, **fields) -> None:
@@ -76,19 +86,31 @@ class _Finisher:
             if self.progress:
                 self.progress(1)
 
-    def submit(self, item: PromptLine, seed: int, mesh, texture, triplane, seconds: float) -> None:
-        """One result of the networks: ``texture`` when the pipeline baked it, else ``triplane``
-        [1, 6, C, H, W] to bake it from."""
-        if len(mesh.faces) == 0:
-            self.record(item, error="no surface for this prompt and seed")
+    def submit(self, chunk: list[PromptLine], seeds: list[int], out, seconds: float) -> None:
+        """One batch's results of the networks (a ``TriplaneTurboOutput``: its textures when the
+        pipeline baked them, else its triplane to bake them from)."""
+        textures = out.textures or [None] * len(chunk)
+        jobs = []
+        for j, (item, seed, mesh) in enumerate(zip(chunk, seeds, out.meshes)):
+            if len(mesh.faces) == 0:
+                self.record(item, error="no surface for this prompt and seed")
+            else:
+                jobs.append((item, seed, mesh, textures[j], out.triplane[j:j + 1] if self.deferred else None, seconds))
+        if self.pool is None or (not self.overlap and len(jobs) < 2):
+            for job in jobs:  # in line (on the CPU a lone mesh bakes fastest on the main thread's cores)
+                self.finish(*job)
             return
-        if self.pool is None:
-            self.finish(item, seed, mesh, texture, None, seconds)
-            return
-        while len(self.pending) >= 2 * self.workers:
+        for job in jobs:
+            while len(self.pending) >= 2 * self.workers:
+                self.pending.pop(0).result()
+            self.pending.append(self.pool.submit(self.finish, *job))
+        if not self.overlap:  # the networks need the cores next: the batch is written first
+            self.drain()
+
+    def drain(self) -> None:
+        """Waits for every mesh handed to the threads."""
+        while self.pending:
             self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(self.finish, item, seed, mesh, texture,
-                                             triplane if self.deferred else None, seconds))
 
     def finish(self, item: PromptLine, seed: int, mesh, texture, triplane, seconds: float) -> None:
         from .export import export_mesh
@@ -109,14 +131,14 @@ class _Finisher:
                     faces=len(mesh.faces), revision=self.pipe.revision)
 
     def close(self) -> None:
-        for future in self.pending:
-            future.result()
+        self.drain()
         if self.pool is not None:
             self.pool.shutdown()
 
 
 def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSettings, *, base_seed: int = 0,
-              batch_size: int = 1, rank: int = 0, progress=None, workers: int = 0) -> BatchStats:
+              batch_size: int = 1, rank: int = 0, progress=None, workers: int = 0,
+              overlap: bool | None = None) -> BatchStats:
     """Generate ``lines`` in batches of ``batch_size`` prompts, writing meshes and records.
 
     Args:
@@ -124,12 +146,15 @@ def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSetti
         lines: this process's share of the prompt file.
         out_dir: the output folder (must exist).
         progress: called with the number of lines finished, as they finish.
-        workers: threads that bake and export while the networks make the next batch (0: in line).
+        workers: threads that bake and export (0: in line): while the networks make the next batch
+            if those run on an accelerator, else a batch's meshes side by side (see ``_Finisher``).
+        overlap: whether the threads bake while the networks run (default: when those are not on the CPU).
     """
     manifest = RankManifest(out_dir, rank)
     stats = BatchStats()
     start = time.perf_counter()
-    finisher = _Finisher(pipe, out_dir, settings, manifest, stats, base_seed, rank, workers, progress)
+    finisher = _Finisher(pipe, out_dir, settings, manifest, stats, base_seed, rank, workers, progress,
+                         overlap=pipe.device.type != "cpu" if overlap is None else overlap)
     for item in [i for i in lines if i.error]:
         finisher.record(item, error=item.error)
     queue = [i for i in lines if not i.error]
@@ -164,10 +189,7 @@ def run_batch(pipe, lines: list[PromptLine], out_dir: Path, settings: BatchSetti
                 continue
             singles = max(0, singles - len(chunk))
             seconds = (time.perf_counter() - began) / len(chunk)
-            textures = out.textures or [None] * len(chunk)
-            for j, (item, seed, mesh) in enumerate(zip(chunk, seeds, out.meshes)):
-                finisher.submit(item, seed, mesh, textures[j], out.triplane[j:j + 1] if finisher.deferred else None,
-                                seconds)
+            finisher.submit(chunk, seeds, out, seconds)
             stats.batch_sizes.append(len(chunk))
             queue = queue[len(chunk):]
     finally:

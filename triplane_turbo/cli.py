@@ -121,11 +121,11 @@ def process_device(requested: str | None):
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
-    """--workers: threads that bake UV textures and write files while the networks make the next batch."""
+    """--workers: threads that bake UV textures and write files (``batch.run_batch``)."""
     parser.add_argument("--workers", type=_checked(_non_negative), default=None,
-                        help="threads that bake UV textures and write files while the networks make the next batch "
-                             "(default with CUDA: the CPU cores beyond one, at most 4; on the CPU 0, in line: the "
-                             "networks already use every core)")
+                        help="threads that bake UV textures and write files: with CUDA while the networks make the "
+                             "next batch (default: the CPU cores beyond one, at most 4), on the CPU a batch's meshes "
+                             "side by side between batches (default: the cores, at most 4); 0: in line")
 
 
 def _non_negative(value: int) -> int:
@@ -135,12 +135,14 @@ def _non_negative(value: int) -> int:
 
 
 def baking_workers(requested: int | None, on_cpu: bool) -> int:
-    """``--workers``, or its default: spare cores only where the networks do not run on them."""
+    """``--workers``, or its default: the cores the networks leave (with CUDA), or every core, taking
+    turns with the networks (on the CPU); at most 4, and none where one core is all there is."""
     if requested is not None:
         return requested
     import os
 
-    return 0 if on_cpu else min(4, max(0, (os.cpu_count() or 1) - 1))
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, cores if on_cpu else cores - 1)
 
 
 def resolve_dtype(name: str, device):

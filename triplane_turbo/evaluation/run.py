@@ -116,7 +116,7 @@ def generate_meshes(pipe, lines: list[PromptLine], meshes_dir: Path, settings: E
                     batch_size: int = 1, workers: int = 0, progress: bool = False) -> list[PromptJob]:
     """Meshes for ``lines`` through the batch machinery (only those without a finished mesh), split
     across ``state``'s processes; returns every line's job once all processes are done. ``workers``:
-    threads that bake UV textures while the networks run (``batch.run_batch``)."""
+    threads that bake UV textures (``batch.run_batch``)."""
     batch = settings.batch_settings()
     run_split(pipe, lines, meshes_dir, batch, state, base_seed=settings.seed, batch_size=batch_size, workers=workers,
               bar=progress)
@@ -188,7 +188,7 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
         settings: the protocol (``EvalSettings()``: the paper's; ``EvalSettings.authors()``: their quirks).
         clip: a ``ClipScorer``; needed on the main process only (others may pass None).
         batch_size: prompts per pipeline call.
-        workers: threads that bake UV textures while the networks make the next batch (``texture="uv"``).
+        workers: threads that bake UV textures (``texture="uv"``; see ``batch.run_batch``).
         state: accelerate's ``PartialState`` or ``Accelerator`` when several processes run this
             together (each generates and renders its share); None for one process.
         device: where views are rasterised (default: the pipeline's device).
