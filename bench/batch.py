@@ -2,11 +2,12 @@
 """Throughput of batch generation (``triplane_turbo.batch.run_batch``) for several batch sizes.
 
 Runs the same prompts with B = 1, 4, 8 prompts per pipeline call in one process, writing the meshes
-to a temporary folder, after one untimed warm-up batch; reports meshes per second. The tiny model
+to a temporary folder, after one untimed warm-up batch; reports meshes per second (the median of
+``--repeat`` interleaved rounds). The tiny model
 measures the harness and the CPU-side costs (export, baking); on a GPU with the real weights the
 networks dominate and batching pays.
 
-    python bench/batch.py --tiny --record BENCHMARKS.md
+    python bench/batch.py --tiny --repeat 3 --record BENCHMARKS.md
     python bench/batch.py --device cuda --prompts 64 --record BENCHMARKS.md
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
                         help="baking threads to measure with UV textures (0: baking in line)")
     parser.add_argument("--texture-size", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over every setting, interleaved; rows record the median (this machine's "
+                             "throughput moves by ±15 %% from run to run)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--record", type=Path, metavar="BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -60,22 +65,24 @@ def main(argv=None) -> int:
         TriplaneTurboPipeline.from_pretrained(device=args.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     lines = [PromptLine(i + 1, PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
-    rows = []
-    runs = [(texture, workers) for texture in args.texture
-            for workers in (args.workers if texture == "uv" else [0])]
-    for texture, workers in runs:
-        settings = BatchSettings(mesh_resolution=args.resolution, texture=texture, texture_size=args.texture_size)
-        for size in args.sizes:
+    runs = [(texture, workers, size) for texture in args.texture
+            for workers in (args.workers if texture == "uv" else [0]) for size in args.sizes]
+    rates = {run: [] for run in runs}
+    for _ in range(args.repeat):
+        for texture, workers, size in runs:
+            settings = BatchSettings(mesh_resolution=args.resolution, texture=texture, texture_size=args.texture_size)
             with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
                 run_batch(pipe, lines[:size], Path(tmp), settings, batch_size=size, workers=workers)  # warm-up
             with tempfile.TemporaryDirectory(prefix="triplane-batch-bench-") as tmp:
                 start = time.perf_counter()
                 stats = run_batch(pipe, lines, Path(tmp), settings, batch_size=size, base_seed=1000, workers=workers)
                 seconds = time.perf_counter() - start
-            row = dict(texture=texture, texture_size=args.texture_size, workers=workers, batch_size=size,
-                       prompts=len(lines), ok=stats.ok, seconds=seconds, meshes_per_second=stats.ok / seconds)
-            print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
+            rates[texture, workers, size].append(stats.ok / seconds)
+            print(json.dumps(dict(texture=texture, workers=workers, batch_size=size, ok=stats.ok, seconds=seconds,
+                                  meshes_per_second=stats.ok / seconds)), file=sys.stderr)
+    rows = [dict(texture=texture, texture_size=args.texture_size, workers=workers, batch_size=size,
+                 prompts=len(lines), meshes_per_second=statistics.median(rates[texture, workers, size]),
+                 runs=rates[texture, workers, size]) for texture, workers, size in runs]
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
                   machine=machine(args.device), device=args.device, dtype=str(dtype).removeprefix("torch."),
                   model="tiny" if args.tiny else "published", resolution=args.resolution, rows=rows,
