@@ -312,20 +312,23 @@ class PlaneQuery:
 
     def hidden(self, points: torch.Tensor) -> torch.Tensor:
         """The first layer's output [N, K] (before its activation) at world points [N, 3]."""
-        coords = plane_coordinates(self.fields.normalize(points.float()))  # [3, N, 2] (column, row) in [-1, 1]
-        x = ((coords[..., 0] + 1) * self.width - 1) / 2  # grid_sample's align_corners=False pixel positions
-        y = ((coords[..., 1] + 1) * self.height - 1) / 2
+        px, py, pz = self.fields.normalize(points.float()).unbind(-1)
+        # each point's (column, row) on the xy, xz and yz planes as [N, 3] (``plane_coordinates``, point-major
+        # so that the twelve taps come out contiguous per point, with no transposing copy)
+        column, row = torch.stack([py, -px, py], -1), torch.stack([px, -pz, -pz], -1)
+        x = ((column + 1) * self.width - 1) / 2  # grid_sample's align_corners=False pixel positions
+        y = ((row + 1) * self.height - 1) / 2
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
-        offsets = torch.arange(3, device=points.device)[:, None] * (self.height * self.width)
+        offsets = torch.arange(3, device=points.device) * (self.height * self.width)
         index, weight = [], []
         for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
             xi, yi = x0 + dx, y0 + dy
             inside = (xi >= 0) & (xi <= self.width - 1) & (yi >= 0) & (yi <= self.height - 1)  # zero padding
             index.append((yi.clamp(0, self.height - 1) * self.width + xi.clamp(0, self.width - 1)).long() + offsets)
             weight.append((fx if dx else 1 - fx) * (fy if dy else 1 - fy) * inside)
-        index = torch.stack(index, -1).permute(1, 0, 2).reshape(len(points), 12)
-        weight = torch.stack(weight, -1).permute(1, 0, 2).reshape(len(points), 12)
+        index = torch.stack(index, -1).view(len(points), 12)  # [N, 3 planes, 4 taps]
+        weight = torch.stack(weight, -1).view(len(points), 12)
         out = torch.nn.functional.embedding_bag(index, self.table, per_sample_weights=weight, mode="sum")
         return out + self.bias if self.bias is not None else out
 
