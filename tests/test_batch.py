@@ -222,24 +222,32 @@ def test_baking_on_worker_threads_writes_the_same_files(tmp_path, tiny_pipe, ove
         assert (tmp_path / "workers-0" / name).read_bytes() == (tmp_path / "workers-2" / name).read_bytes()
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["cpu-turns", "overlap"])
-def test_baking_threads_take_turns_with_cpu_networks_or_overlap_them(tmp_path, tiny_pipe, monkeypatch, overlap):
-    """On the CPU a batch's two meshes bake at the same time (a barrier both must reach) and the
-    networks never run during a bake; with ``overlap`` the first batch's bakes wait until the next
-    batch's networks have started (which the other mode would never allow: its bakes would time out)."""
+@pytest.mark.parametrize("overlap, batch_size, overlaps", [(False, 2, False), (True, 2, True), (None, 2, False),
+                                                          (None, 1, True)],
+                         ids=["turns", "overlap", "cpu-default-batches", "cpu-default-singles"])
+def test_baking_threads_take_turns_with_cpu_networks_or_overlap_them(tmp_path, tiny_pipe, monkeypatch, overlap,
+                                                                      batch_size, overlaps):
+    """Taking turns, a batch's two meshes bake at the same time (a barrier both must reach) and the
+    networks never run during a bake; overlapping, the first meshes' bakes wait until the next
+    networks have started (taking turns they would time out), and those run on the cores the two
+    threads leave. On the CPU the default overlaps for one prompt per call only. The caller's
+    thread count is what it was."""
     from triplane_turbo import TriplaneTurboPipeline
 
     lock, baking, networks_during_bake, calls = threading.Lock(), [0], [], []
     side_by_side = threading.Barrier(2, timeout=30)
     next_networks = threading.Event()
     bake, call = tiny_pipe.mesher.bake_textures, TriplaneTurboPipeline.__call__
+    threads = 3  # more than the two baking threads, whatever this worker was given
+    original = torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     def watched_bake(*args, **kwargs):
         with lock:
             baking[0] += 1
         try:
-            if overlap:
-                assert next_networks.wait(timeout=30), "the next batch's networks did not start during the bake"
+            if overlaps:
+                assert next_networks.wait(timeout=30), "the next networks did not start during the bake"
             else:
                 side_by_side.wait()
             return bake(*args, **kwargs)
@@ -250,7 +258,7 @@ def test_baking_threads_take_turns_with_cpu_networks_or_overlap_them(tmp_path, t
     def watched_call(self, *args, **kwargs):
         with lock:
             networks_during_bake.append(baking[0] > 0)
-            calls.append(1)
+            calls.append(torch.get_num_threads())
         if len(calls) == 2:
             next_networks.set()
         return call(self, *args, **kwargs)
@@ -259,7 +267,12 @@ def test_baking_threads_take_turns_with_cpu_networks_or_overlap_them(tmp_path, t
     monkeypatch.setattr(TriplaneTurboPipeline, "__call__", watched_call)
     lines = [PromptLine(i + 1, p) for i, p in enumerate(["a wooden chair", "a teapot", "a lamp", "a frog"])]
     settings = BatchSettings(mesh_resolution=48, texture="uv", texture_size=64)
-    stats = run_batch(tiny_pipe, lines, tmp_path, settings, batch_size=2, workers=2, overlap=overlap)
-    assert stats.ok == 4 and stats.errors == 0 and len(calls) == 2
-    if not overlap:
-        assert networks_during_bake == [False, False]
+    try:
+        stats = run_batch(tiny_pipe, lines, tmp_path, settings, batch_size=batch_size, workers=2, overlap=overlap)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(original)
+    assert stats.ok == 4 and stats.errors == 0 and len(calls) == 4 // batch_size
+    assert calls == [1 if overlaps else threads] * len(calls)  # networks on the core the threads leave
+    if not overlaps:
+        assert networks_during_bake == [False] * len(calls)

@@ -123,9 +123,10 @@ def process_device(requested: str | None):
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
     """--workers: threads that bake UV textures and write files (``batch.run_batch``)."""
     parser.add_argument("--workers", type=_checked(_non_negative), default=None,
-                        help="threads that bake UV textures and write files: with CUDA while the networks make the "
-                             "next batch (default: the CPU cores beyond one, at most 4), on the CPU a batch's meshes "
-                             "side by side between batches (default: the cores, at most 4); 0: in line")
+                        help="threads that bake UV textures and write files while the networks make the next batch "
+                             "(default with CUDA: the CPU cores beyond one, at most 4); on the CPU (default: the "
+                             "cores, at most 4) likewise with --batch-size 1, else a batch's meshes side by side "
+                             "between batches; 0: in line")
 
 
 def _non_negative(value: int) -> int:
