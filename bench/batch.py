@@ -3,9 +3,8 @@
 
 Runs the same prompts with B = 1, 4, 8 prompts per pipeline call in one process, writing the meshes
 to a temporary folder, after one untimed warm-up batch; reports meshes per second (the median of
-``--repeat`` interleaved rounds). The tiny model
-measures the harness and the CPU-side costs (export, baking); on a GPU with the real weights the
-networks dominate and batching pays.
+``--repeat`` interleaved rounds). The tiny model measures the harness and the CPU-side costs
+(export, baking); on a GPU with the real weights the networks dominate and batching pays.
 
     python bench/batch.py --tiny --repeat 3 --record BENCHMARKS.md
     python bench/batch.py --device cuda --prompts 64 --record BENCHMARKS.md

@@ -56,6 +56,7 @@ class TexelLayout:
         triangle: [N] int64, the face each of the N masked texels (row-major) samples.
         centre: [N, 2] float64, the UV point it samples: the texel centre, moved onto the triangle for
             the few texels of a sliver (``SLIVER_TEXELS``) that fall outside it.
+        sliver: [N] bool, whether the texel's face is a sliver (``SLIVER_TEXELS``).
         source: [S·S] int64, for each texel of the image (rows top-down, as ``image`` writes it) the
             masked texel (an index into the N) whose value it shows: its own, or in the gutters
             beyond the mask its nearest covered texel's.
@@ -65,6 +66,7 @@ class TexelLayout:
     mask: torch.Tensor
     triangle: torch.Tensor
     centre: torch.Tensor
+    sliver: torch.Tensor
     source: torch.Tensor
     uv: torch.Tensor
     faces: torch.Tensor
@@ -91,7 +93,7 @@ class TexelLayout:
         m = affine[self.triangle]  # [N, 3, 3]
         u, v = self.centre[:, 0:1].float(), self.centre[:, 1:2].float()
         points = m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]
-        sliver = _slivers(self.uv, self.faces, self.mask.shape[0])[self.triangle]
+        sliver = self.sliver
         if sliver.any():  # their affine maps are ill-conditioned: blend the corners instead
             a, b, c = self.uv.double()[self.faces[self.triangle[sliver]]].unbind(1)
             w = _barycentric(self.centre[sliver], a, b, c)
@@ -171,7 +173,7 @@ def texel_layout(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: float
         outside = _barycentric(centre[sliver], a, b, c).min(1).values < 0
         index = sliver.nonzero().squeeze(1)[outside]
         centre[index] = _closest_on_triangle(centre[index], a[outside], b[outside], c[outside])
-    return TexelLayout(mask, tri, centre, source, uv, faces)
+    return TexelLayout(mask, tri, centre, sliver, source, uv, faces)
 
 
 def _barycentric(p, a, b, c):
