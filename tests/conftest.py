@@ -23,6 +23,23 @@ FIXTURES = TESTS / "fixtures"
 FIXTURE_A = FIXTURES / "fixture_a"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of this process and its subprocesses go under pytest's own folder: gradio_client
+    leaves an empty folder in the system's temporary directory for every file it downloads."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tempfile")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = saved[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random base model and adapter written in Hub layout: (base_dir, adapter_file)."""
@@ -54,8 +71,6 @@ APP_TEXTURE_SIZE = 256
 #: Output-folder budget of the test server: room for about eight tiny results at resolution 128
 #: (each about 4.5 MB: GLB, OBJ zip, PLY and STL of ~40k faces).
 APP_OUTPUT_MAX_BYTES = 40_000_000
-#: How long the cold-start servers' model takes to load (tests/slow_app.py).
-SLOW_LOAD_SECONDS = 8
 
 
 @dataclass
@@ -124,11 +139,17 @@ def app_server(tmp_path_factory):
         yield server
 
 
-def slow_app(tmp_path_factory, name: str, fail: str = "", load_seconds: float = SLOW_LOAD_SECONDS,
-             bake_seconds: float = 0.0):
-    """`python app.py --tiny` whose model takes ``load_seconds`` to load (then fails, if ``fail``) and
-    whose texture bakes take ``bake_seconds`` longer: handed out the moment the page answers."""
-    return running_app(tmp_path_factory.mktemp(name), [str(TESTS / "slow_app.py")], ("Running on local URL",),
-                       {"SLOW_APP_SECONDS": str(load_seconds), "SLOW_APP_FAIL": fail,
-                        "SLOW_APP_BAKE_SECONDS": str(bake_seconds)})
+def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True, hold_bake: bool = False):
+    """`python app.py --tiny` whose model load (which then fails, if ``fail``) and/or texture bakes
+    wait until the test calls ``release(server, "load" | "bake")``: handed out the moment the page
+    answers."""
+    root = tmp_path_factory.mktemp(name)
+    gates = {"SLOW_APP_LOAD_GATE": str(root / "release-load") if hold_load else "",
+             "SLOW_APP_BAKE_GATE": str(root / "release-bake") if hold_bake else ""}
+    return running_app(root, [str(TESTS / "slow_app.py")], ("Running on local URL",), {**gates, "SLOW_APP_FAIL": fail})
+
+
+def release(server: AppServer, what: str) -> None:
+    """Lets a ``slow_app`` server's model load (``"load"``) or its texture bakes (``"bake"``) go on."""
+    (server.tmpdir.parent / f"release-{what}").touch()
 

@@ -16,7 +16,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from PIL import Image
 import app as webapp
 from triplane_turbo.config import MAX_SEED
 
-from .conftest import running_app, slow_app
+from .conftest import release, running_app, slow_app
 
 PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify", "target_faces",
               "texture"]
@@ -281,7 +280,7 @@ def test_only_the_result_files_are_served(app_server):
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    generate(Client(app_server.url, verbose=False), seed=31)  # at least one result, whatever ran before
+    generate(Client(app_server.url, verbose=False, download_files=False), seed=31)  # at least one result, whatever ran before
     glb = next(app_server.output_dir.glob("files/*/*.glb"))
     assert status(glb) == 200
     record = next(app_server.output_dir.glob("records/*.json"))  # prompts and settings stay private
@@ -371,23 +370,34 @@ def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(tmp_path_factor
 # ---------------------------------------------------------------------------------------------
 # A sleeping Space waking up: the page answers before the model is loaded
 # ---------------------------------------------------------------------------------------------
-COLD_LOAD_SECONDS = 4
+def wait_for_progress(jobs, text: str, timeout: float = 60) -> None:
+    """Until every submitted job is in the server's queue (or past it) and one of them has reported a
+    progress line starting with ``text``."""
+    from gradio_client.utils import Status
+
+    deadline, said = time.monotonic() + timeout, set()
+    while True:
+        statuses = [job.status() for job in jobs]
+        said |= {unit.desc for status in statuses for unit in (status.progress_data or []) if unit.desc}
+        queued = all(Status.ordering(status.code) >= Status.ordering(Status.IN_QUEUE) for status in statuses)
+        if queued and any(line.startswith(text) for line in said):
+            return
+        assert time.monotonic() < deadline, f"no job said {text!r}: {said}, {[s.code for s in statuses]}"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
     """The page answers while the weights load; requests made meanwhile are told so, wait, and succeed."""
-    with slow_app(tmp_path_factory, "cold-start", load_seconds=COLD_LOAD_SECONDS) as server:
+    with slow_app(tmp_path_factory, "cold-start") as server:
         client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
         jobs = [client.submit(prompt="a frog wearing a sweater", seed=seed, randomize_seed=False, mesh_resolution=128,
                               api_name="/generate") for seed in (3, 4, 3)]
-        said = set()
-        while not all(job.done() for job in jobs):
-            said |= {unit.desc for job in jobs for unit in (job.status().progress_data or []) if unit.desc}
-            time.sleep(0.05)
-        assert any(line.startswith("Loading the model") for line in said), said  # they waited for it
-        results = [job.result() for job in jobs]
+        wait_for_progress(jobs, "Loading the model")  # they are told
+        assert not any(job.done() for job in jobs) and "model ready" not in server.log.read_text()
+        release(server, "load")
+        results = [job.result(timeout=90) for job in jobs]  # they waited, and succeed
         assert all(info["faces"] > 100 for _, info, *_ in results)
         assert Path(results[0][0]).read_bytes() == Path(results[2][0]).read_bytes()
 
@@ -395,13 +405,14 @@ def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_failed_load_is_a_clear_error_for_every_caller(tmp_path_factory):
-    with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny",
-                  load_seconds=2) as server:
+    with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny") as server:
         client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
-        with ThreadPoolExecutor(3) as pool:
-            calls = [pool.submit(generate, client, seed=s) for s in (1, 2, 3)]
-            for call in calls:
-                with pytest.raises(AppError, match="could not be loaded: offline with nothing cached: run with --tiny"):
-                    call.result()
+        jobs = [client.submit(prompt="a frog wearing a sweater", seed=seed, randomize_seed=False, mesh_resolution=128,
+                              api_name="/generate") for seed in (1, 2, 3)]
+        wait_for_progress(jobs, "Loading the model")  # all three are in before the load fails
+        release(server, "load")
+        for job in jobs:
+            with pytest.raises(AppError, match="could not be loaded: offline with nothing cached: run with --tiny"):
+                job.result(timeout=90)
         with pytest.raises(AppError, match="could not be loaded"):  # and later ones
             generate(client, seed=4)
