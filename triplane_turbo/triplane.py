@@ -293,8 +293,13 @@ class PlaneQuery:
         weight = first.weight.float()  # [K, 3C] or [K, C]
         _, c, h, w = planes.shape
         per_plane = weight.reshape(weight.shape[0], 3, c).permute(1, 0, 2) if concatenated else weight.expand(3, -1, -1)
-        # table[p·H·W + row·W + column] = W_p · planes[p, :, row, column]
-        self.table = torch.einsum("pkc,pchw->phwk", per_plane, planes.float()).reshape(3 * h * w, -1).contiguous()
+        table = torch.einsum("pkc,pchw->phwk", per_plane, planes.float())  # [3, H, W, K]: W_p · planes[p, :, row, column]
+        # zero rows and columns around each plane (one before, two after) stand for grid_sample's zero
+        # padding: a tap off the plane reads a zero, so no tap needs a mask or a clamp
+        self.table = torch.nn.functional.pad(table, (0, 0, 1, 2, 1, 2)).reshape(3 * (h + 3) * (w + 3), -1).contiguous()
+        stride = w + 3
+        self.plane_offsets = torch.arange(3, device=planes.device) * ((h + 3) * stride)
+        self.tap_offsets = torch.tensor([0, 1, stride, stride + 1], device=planes.device)  # (x0, y0), (x0 + 1, y0), ...
         self.bias = first.bias.float() if first.bias is not None else None
         self.rest = head.layers[1:]
         self.activate = concatenated  # the colour head's output goes through the colour activation
@@ -316,19 +321,16 @@ class PlaneQuery:
         # each point's (column, row) on the xy, xz and yz planes as [N, 3] (``plane_coordinates``, point-major
         # so that the twelve taps come out contiguous per point, with no transposing copy)
         column, row = torch.stack([py, -px, py], -1), torch.stack([px, -pz, -pz], -1)
-        x = ((column + 1) * self.width - 1) / 2  # grid_sample's align_corners=False pixel positions
-        y = ((row + 1) * self.height - 1) / 2
+        # grid_sample's align_corners=False pixel positions; beyond the zero border every tap reads zero,
+        # so positions clamp to it
+        x = (((column + 1) * self.width - 1) / 2).clamp_(-1, self.width)
+        y = (((row + 1) * self.height - 1) / 2).clamp_(-1, self.height)
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
-        offsets = torch.arange(3, device=points.device) * (self.height * self.width)
-        index, weight = [], []
-        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi <= self.width - 1) & (yi >= 0) & (yi <= self.height - 1)  # zero padding
-            index.append((yi.clamp(0, self.height - 1) * self.width + xi.clamp(0, self.width - 1)).long() + offsets)
-            weight.append((fx if dx else 1 - fx) * (fy if dy else 1 - fy) * inside)
-        index = torch.stack(index, -1).view(len(points), 12)  # [N, 3 planes, 4 taps]
-        weight = torch.stack(weight, -1).view(len(points), 12)
+        corner = ((y0 + 1) * (self.width + 3) + (x0 + 1)).long() + self.plane_offsets  # [N, 3] the (x0, y0) taps
+        index = (corner[..., None] + self.tap_offsets).view(len(points), 12)  # [N, 3 planes, 4 taps]
+        gx, gy = 1 - fx, 1 - fy
+        weight = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], -1).view(len(points), 12)
         out = torch.nn.functional.embedding_bag(index, self.table, per_sample_weights=weight, mode="sum")
         return out + self.bias if self.bias is not None else out
 
