@@ -297,9 +297,10 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
         hi = torch.minimum(torch.minimum(hi, upper[:, 0]), torch.minimum(upper[:, 1], upper[:, 2]))
         count = (hi - lo + 1).clamp(min=0)
         pixel_tri = torch.repeat_interleave(tri, count)
-        offsets = torch.cumsum(count, 0) - count
-        column = torch.repeat_interleave(lo - offsets, count) + torch.arange(len(pixel_tri), device=tri.device)
-        yield pixel_tri, torch.repeat_interleave(row, count) * width + column, area[pixel_tri] > 0
+        # each (triangle, row)'s first pixel, less the pixels listed before it: + a running count gives the rest
+        first = row * width + lo - (torch.cumsum(count, 0) - count)
+        pixel = torch.repeat_interleave(first, count) + torch.arange(len(pixel_tri), device=tri.device)
+        yield pixel_tri, pixel, area[pixel_tri] > 0
 
 
 def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):

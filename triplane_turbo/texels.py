@@ -79,7 +79,7 @@ class TexelLayout:
     def points(self, vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """[N, 3] float32: each sample's point on the mesh ([V, 3] vertices, [F, 3] faces in mesh
         indices), extended affinely past the triangle's edges for the ring outside the charts."""
-        # each face's affine map from UV to 3D, then one 3x3 gather and product per texel
+        # each face's affine map from UV to 3D, then per texel three gathers and two fused products
         corners_uv = self.uv.double()[self.faces]  # [F, 3, 2]
         corners = vertices.double()[faces]  # [F, 3, 3]
         d = corners_uv[:, 1:] - corners_uv[:, :1]  # [F, 2 edges, 2]
@@ -89,10 +89,11 @@ class TexelLayout:
                                torch.stack([-d[:, 0, 1], d[:, 0, 0]], -1)], 1) / det[:, None, None]  # D⁻¹, D = rows
         jacobian = torch.einsum("fek,fej->fkj", corners[:, 1:] - corners[:, :1], inverse)  # [F, 3, 2]: dP/d(u, v)
         offset = corners[:, 0] - torch.einsum("fkj,fj->fk", jacobian, corners_uv[:, 0])
-        affine = torch.cat([jacobian, offset[..., None]], -1).float()  # [F, 3, 3]
-        m = affine[self.triangle]  # [N, 3, 3]
+        # point = offset + u · dP/du + v · dP/dv, each term gathered per texel as contiguous [N, 3] rows
+        along_u, along_v, offset = (a.float().contiguous() for a in (jacobian[..., 0], jacobian[..., 1], offset))
         u, v = self.centre[:, 0:1].float(), self.centre[:, 1:2].float()
-        points = m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]
+        points = torch.addcmul(offset.index_select(0, self.triangle), along_u.index_select(0, self.triangle), u)
+        points.addcmul_(along_v.index_select(0, self.triangle), v)
         sliver = self.sliver
         if sliver.any():  # their affine maps are ill-conditioned: blend the corners instead
             a, b, c = self.uv.double()[self.faces[self.triangle[sliver]]].unbind(1)
