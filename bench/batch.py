@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--texture", choices=("vertex", "uv"), nargs="+", default=["vertex", "uv"])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
-                        help="baking threads to measure with UV textures (0: baking in line)")
+    parser.add_argument("--workers", type=int, nargs="+",
+                        help="baking threads to measure with UV textures (0: baking in line; default: 0 and the "
+                             "batch command's default for this device)")
     parser.add_argument("--texture-size", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds over every setting, interleaved; rows record the median (this machine's "
@@ -57,15 +58,17 @@ def main(argv=None) -> int:
 
     from triplane_turbo import TriplaneTurboPipeline, default_dtype
     from triplane_turbo.batch import BatchSettings, PromptLine, run_batch
+    from triplane_turbo.cli import baking_workers
     from triplane_turbo.tiny import tiny_pipeline
 
+    worker_counts = args.workers or sorted({0, baking_workers(None, on_cpu=args.device == "cpu")})
     dtype = default_dtype(args.device)
     pipe = tiny_pipeline(device=args.device, dtype=dtype) if args.tiny else \
         TriplaneTurboPipeline.from_pretrained(device=args.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     lines = [PromptLine(i + 1, PROMPTS[i % len(PROMPTS)]) for i in range(args.prompts)]
     runs = [(texture, workers, size) for texture in args.texture
-            for workers in (args.workers if texture == "uv" else [0]) for size in args.sizes]
+            for workers in (worker_counts if texture == "uv" else [0]) for size in args.sizes]
     rates = {run: [] for run in runs}
     for _ in range(args.repeat):
         for texture, workers, size in runs:
