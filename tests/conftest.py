@@ -1,8 +1,14 @@
 """Shared test set-up: never touch the network; fixture paths; one tiny pipeline per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
+if "GRADIO_TEMP_DIR" not in os.environ:  # before gradio is: it makes folders there when an app is built
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="triplane-turbo-tests-gradio-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest-xdist's workers share the cores (set before torch loads)
     os.environ.setdefault("OMP_NUM_THREADS",
@@ -27,8 +33,6 @@ FIXTURE_A = FIXTURES / "fixture_a"
 def temporary_files_under_pytest(tmp_path_factory):
     """Temporary files of this process and its subprocesses go under pytest's own folder: gradio_client
     leaves an empty folder in the system's temporary directory for every file it downloads."""
-    import tempfile
-
     folder = tmp_path_factory.mktemp("tempfile")
     saved = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
