@@ -34,14 +34,10 @@ def temporary_files_under_pytest(tmp_path_factory):
     """Temporary files of this process and its subprocesses go under pytest's own folder: gradio_client
     leaves an empty folder in the system's temporary directory for every file it downloads."""
     folder = tmp_path_factory.mktemp("tempfile")
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
-    yield folder
-    tempfile.tempdir = saved[0]
-    if saved[1] is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = saved[1]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def plane_coordinates(points: torch.Tensor) -> torch.Tensor:
-    """Normalised points [..., 3] -> grid_sample coordinates [3, ..., 2] for the xy, xz, yz planes.
-
-    grid_sample reads (column, row); see the module docstring for the axis conventions.
-    """
+def plane_columns_rows(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised points [..., 3] -> their (column, row) grid_sample coordinates on the xy, xz and yz
+    planes, [..., 3] each (one plane per last index); see the module docstring for the axis conventions."""
     x, y, z = points.unbind(-1)
-    return torch.stack([torch.stack([y, x], -1), torch.stack([-x, -z], -1), torch.stack([y, -z], -1)])
+    return torch.stack([y, -x, y], -1), torch.stack([x, -z, -z], -1)
+
+
+def plane_coordinates(points: torch.Tensor) -> torch.Tensor:
+    """Normalised points [..., 3] -> grid_sample coordinates [3, ..., 2] for the xy, xz, yz planes
+    (grid_sample reads (column, row))."""
+    return torch.stack(plane_columns_rows(points), -1).movedim(-2, 0)
 
 
 def lattice_weights(axis: torch.Tensor, size: int) -> torch.Tensor:
@@ -293,13 +297,15 @@ class PlaneQuery:
         weight = first.weight.float()  # [K, 3C] or [K, C]
         _, c, h, w = planes.shape
         per_plane = weight.reshape(weight.shape[0], 3, c).permute(1, 0, 2) if concatenated else weight.expand(3, -1, -1)
-        table = torch.einsum("pkc,pchw->phwk", per_plane, planes.float())  # [3, H, W, K]: W_p · planes[p, :, row, column]
+        # [3, H, W, K]: W_p · planes[p, :, row, column]
+        table = torch.einsum("pkc,pchw->phwk", per_plane, planes.float())
         # zero rows and columns around each plane (one before, two after) stand for grid_sample's zero
         # padding: a tap off the plane reads a zero, so no tap needs a mask or a clamp
         self.table = torch.nn.functional.pad(table, (0, 0, 1, 2, 1, 2)).reshape(3 * (h + 3) * (w + 3), -1).contiguous()
-        stride = w + 3
-        self.plane_offsets = torch.arange(3, device=planes.device) * ((h + 3) * stride)
-        self.tap_offsets = torch.tensor([0, 1, stride, stride + 1], device=planes.device)  # (x0, y0), (x0 + 1, y0), ...
+        self.stride = w + 3  # of the padded table's rows
+        self.plane_offsets = torch.arange(3, device=planes.device) * ((h + 3) * self.stride)
+        # the four taps from (x0, y0): (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
+        self.tap_offsets = torch.tensor([0, 1, self.stride, self.stride + 1], device=planes.device)
         self.bias = first.bias.float() if first.bias is not None else None
         self.rest = head.layers[1:]
         self.activate = concatenated  # the colour head's output goes through the colour activation
@@ -317,17 +323,15 @@ class PlaneQuery:
 
     def hidden(self, points: torch.Tensor) -> torch.Tensor:
         """The first layer's output [N, K] (before its activation) at world points [N, 3]."""
-        px, py, pz = self.fields.normalize(points.float()).unbind(-1)
-        # each point's (column, row) on the xy, xz and yz planes as [N, 3] (``plane_coordinates``, point-major
-        # so that the twelve taps come out contiguous per point, with no transposing copy)
-        column, row = torch.stack([py, -px, py], -1), torch.stack([px, -pz, -pz], -1)
+        # point-major [N, 3 planes], so that the twelve taps come out contiguous per point
+        column, row = plane_columns_rows(self.fields.normalize(points.float()))
         # grid_sample's align_corners=False pixel positions; beyond the zero border every tap reads zero,
         # so positions clamp to it
         x = (((column + 1) * self.width - 1) / 2).clamp_(-1, self.width)
         y = (((row + 1) * self.height - 1) / 2).clamp_(-1, self.height)
         x0, y0 = x.floor(), y.floor()
         fx, fy = x - x0, y - y0
-        corner = ((y0 + 1) * (self.width + 3) + (x0 + 1)).long() + self.plane_offsets  # [N, 3] the (x0, y0) taps
+        corner = ((y0 + 1) * self.stride + (x0 + 1)).long() + self.plane_offsets  # [N, 3] the (x0, y0) taps
         index = (corner[..., None] + self.tap_offsets).view(len(points), 12)  # [N, 3 planes, 4 taps]
         gx, gy = 1 - fx, 1 - fy
         weight = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], -1).view(len(points), 12)

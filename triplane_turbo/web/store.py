@@ -104,7 +104,7 @@ class ResultStore:
         for folder, own in _OWN_NAMES.items():
             if (self.root / folder).is_dir():
                 foreign += [f"{folder}/{n}" for n in sorted(os.listdir(self.root / folder)) if not own.fullmatch(n)]
-        for entry in (self.root / "files").glob("*") if (self.root / "files").is_dir() else []:
+        for entry in (self.root / "files").glob("*"):  # nothing if there is no such folder
             if entry.is_dir() and _KEY.fullmatch(entry.name.removesuffix(".pending")):
                 foreign += [f"files/{entry.name}/{n}" for n in sorted(os.listdir(entry)) if not _ENTRY_FILE.fullmatch(n)]
         if foreign:
