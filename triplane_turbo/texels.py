@@ -1,6 +1,6 @@
 """Where each texel of a UV atlas samples the surface: the atlas rasterised in UV space, texels just
-outside a chart extended onto its nearest triangle, and the gutters filled from the nearest covered
-texel. What ``texture.bake_texture`` queries the fields at.
+outside a chart extended onto its nearest triangle, and the gutters filled from a covered texel near
+the nearest. What ``texture.bake_texture`` queries the fields at.
 
 Convention: rasterised rows run bottom-up (row r, column c samples uv ((c + 0.5)/S, (r + 0.5)/S));
 images are flipped to top-down at the end of the bake.
@@ -8,6 +8,7 @@ images are flipped to top-down at the end of the bake.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 #: Texels beyond a chart's edge that get the colour field extended from the nearest triangle (the
-#: rest of the gutter copies nearest texels): bilinear lookups at the edge then blend true values.
+#: rest of the gutter copies nearby texels): bilinear lookups at the edge then blend true values.
 EXTENDED_TEXELS = 2.5
 
 
@@ -35,16 +36,74 @@ def atlas_owner(uv: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tenso
     return rasterize_coverage(atlas_pixels(uv, size), faces, (size, size), subpixel_bits=ATLAS_SUBPIXEL_BITS)[0]
 
 
-def _nearest_covered(covered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For every texel of ``covered`` [H, W], the flat index [H·W] of its nearest covered texel
-    (Euclidean; itself where covered) and the squared distance to it [H·W] in texels² (integers)."""
+def _ring_offsets(extend: float) -> list[tuple[int, int]]:
+    """The (row, column) steps to the texels within ``extend`` of a texel, nearest first."""
+    reach = int(math.floor(extend))
+    steps = [(dy * dy + dx * dx, dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
+    return [(dy, dx) for squared, dy, dx in sorted(steps) if 0 < squared <= extend * extend]
+
+
+def _nearest_covered(covered: torch.Tensor, extend: float):
+    """Where the texels outside ``covered`` [H, W] (bool, some set) copy from.
+
+    Returns:
+        ring [M] int64: the flat indices of the uncovered texels within ``extend`` of a covered one;
+        ring_nearest [M] int64: the nearest covered texel of each (Euclidean, exact; ties either way);
+        blocks [⌈H/2⌉, ⌈W/2⌉] int64: for each 2×2 block of texels, a covered texel that its uncovered
+            texels copy: no more than 2√2 texels farther than their nearest covered texel.
+
+    The exact transform of the whole image was a fifth of a bake (50 ms at 1024²); the gutters only
+    need a nearby covered texel, so it runs on the blocks (a quarter of the texels), and the ring,
+    where the exact nearest triangle is extended, looks up the few texels within reach directly.
+    """
     from scipy.ndimage import distance_transform_edt
 
+    device = covered.device
     height, width = covered.shape
-    rows, cols = distance_transform_edt(~covered, return_distances=False, return_indices=True)
-    # the squared distance from the indices, exactly (scipy's distances would cost a float pass more)
-    squared = (rows - np.arange(height)[:, None]) ** 2 + (cols - np.arange(width)[None, :]) ** 2
-    return (rows.astype(np.int64) * width + cols).reshape(-1), squared.reshape(-1)
+    half_h, half_w = (height + 1) // 2, (width + 1) // 2
+    if (height, width) != (2 * half_h, 2 * half_w):
+        even = torch.zeros(2 * half_h, 2 * half_w, dtype=torch.bool, device=device)
+        even[:height, :width] = covered
+    else:
+        even = covered
+    quads = even.view(half_h, 2, half_w, 2)
+    top_left, top_right, bottom_left, bottom_right = quads[:, 0, :, 0], quads[:, 0, :, 1], quads[:, 1, :, 0], quads[:, 1, :, 1]
+    top = top_left | top_right
+    any_covered = top | bottom_left | bottom_right
+    # a covered texel of each block with one: in its top row if it has one there, else the bottom row
+    rows = 2 * torch.arange(half_h, device=device)[:, None] + (~top).long()
+    columns = 2 * torch.arange(half_w, device=device)[None, :] + torch.where(top, ~top_left, ~bottom_left).long()
+    inside = (rows * width + columns).reshape(-1)
+    # the nearest block with a covered texel, exactly on the blocks' grid
+    near_rows, near_columns = (torch.from_numpy(a).to(device) for a in distance_transform_edt(
+        ~any_covered.cpu().numpy(), return_distances=False, return_indices=True))
+    blocks = inside[near_rows.long() * half_w + near_columns.long()]
+    block_squared = ((near_rows - torch.arange(half_h, device=device)[:, None]) ** 2
+                     + (near_columns - torch.arange(half_w, device=device)[None, :]) ** 2)
+    # the ring's texels lie in blocks partly covered or within (extend + √2) / 2 blocks of one
+    partial = any_covered & ~(top & bottom_left & bottom_right & top_left & top_right)
+    reach = ((extend + math.sqrt(2)) / 2) ** 2
+    candidate_blocks = (partial | ((block_squared > 0) & (block_squared <= reach))).reshape(-1).nonzero().squeeze(1)
+    block_rows, block_columns = torch.div(candidate_blocks, half_w, rounding_mode="floor"), candidate_blocks % half_w
+    texel_rows = (2 * block_rows[:, None] + torch.tensor([0, 0, 1, 1], device=device)).reshape(-1)
+    texel_columns = (2 * block_columns[:, None] + torch.tensor([0, 1, 0, 1], device=device)).reshape(-1)
+    keep = (texel_rows < height) & (texel_columns < width)
+    texel_rows, texel_columns = texel_rows[keep], texel_columns[keep]
+    keep = ~covered[texel_rows, texel_columns]
+    texel_rows, texel_columns = texel_rows[keep], texel_columns[keep]
+    # each candidate's neighbours within reach, nearest first, read from a zero-bordered copy
+    steps = _ring_offsets(extend)
+    margin = int(math.floor(extend))
+    bordered = torch.zeros(height + 2 * margin, width + 2 * margin, dtype=torch.bool, device=device)
+    bordered[margin:margin + height, margin:margin + width] = covered
+    stride = width + 2 * margin
+    neighbours = torch.tensor([dy * stride + dx for dy, dx in steps], dtype=torch.long, device=device)
+    hits = bordered.reshape(-1)[((texel_rows + margin) * stride + texel_columns + margin)[:, None] + neighbours]
+    found = hits.any(1)
+    first = hits.to(torch.uint8).argmax(1)[found]  # the first hit is the nearest
+    ring = (texel_rows * width + texel_columns)[found]
+    steps_flat = torch.tensor([dy * width + dx for dy, dx in steps], dtype=torch.long, device=device)
+    return ring, ring + steps_flat[first], blocks.reshape(half_h, half_w)
 
 
 @dataclass
@@ -57,9 +116,9 @@ class TexelLayout:
         centre: [N, 2] float64, the UV point it samples: the texel centre, moved onto the triangle for
             the few texels of a sliver (``SLIVER_TEXELS``) that fall outside it.
         sliver: [N] bool, whether the texel's face is a sliver (``SLIVER_TEXELS``).
-        source: [S·S] int64, for each texel of the image (rows top-down, as ``image`` writes it) the
+        source: [S·S] int32, for each texel of the image (rows top-down, as ``image`` writes it) the
             masked texel (an index into the N) whose value it shows: its own, or in the gutters
-            beyond the mask its nearest covered texel's.
+            beyond the mask a covered texel's within 2√2 texels of its nearest (``_nearest_covered``).
         uv, faces: the atlas, [V', 2] and [F, 3] tensors.
     """
 
@@ -107,7 +166,7 @@ class TexelLayout:
         if len(values) == 0:
             return np.zeros((size, size, 3), np.uint8)
         quantised = (values.float() * 255).round_().clamp_(0, 255).to(torch.uint8)  # as ``to_uint8``
-        return quantised[self.source].reshape(size, size, 3).cpu().numpy()
+        return quantised.index_select(0, self.source).reshape(size, size, 3).cpu().numpy()
 
 
 #: A UV triangle narrower than this (its smallest altitude, in texels) is a sliver: its barycentric
@@ -142,37 +201,40 @@ def texel_samples(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: floa
 
 def texel_layout(uv: torch.Tensor, faces: torch.Tensor, size: int, extend: float = EXTENDED_TEXELS,
                   owner: torch.Tensor | None = None) -> TexelLayout:
-    """``texel_samples``, and where each gutter texel copies from (one distance transform serves both).
+    """``texel_samples``, and where each gutter texel copies from (``_nearest_covered`` gives both).
 
     ``owner``: ``atlas_owner(uv, faces, size)`` if the caller has it already.
     """
     device = uv.device
     faces = faces.to(device=device, dtype=torch.long)
     owner = atlas_owner(uv, faces, size) if owner is None else owner
-    covered = (owner >= 0).cpu().numpy()
+    covered = owner >= 0
+    mask = covered.reshape(-1).clone()
     if covered.any():
-        nearest, squared = (torch.as_tensor(array, device=device) for array in _nearest_covered(covered))
-        ring = torch.as_tensor(~covered.reshape(-1), device=device) & (squared <= extend ** 2)
+        ring, ring_nearest, blocks = _nearest_covered(covered, extend)
         owner = owner.reshape(-1).clone()
-        owner[ring] = owner[nearest[ring]]
-        owner = owner.reshape(size, size)
+        owner[ring] = owner[ring_nearest]
+        mask[ring] = True
     else:
-        nearest = torch.arange(size * size, device=device)
-    mask = owner >= 0
-    flat_mask = mask.reshape(-1)
-    texel = flat_mask.nonzero().squeeze(1)
-    # each texel shows its own sample, or beyond the mask its nearest covered texel's (covered ⊆ mask)
-    rank = torch.cumsum(flat_mask, 0) - 1
-    source = torch.where(flat_mask, rank, rank[nearest]).clamp(min=0).reshape(size, size).flip(0).reshape(-1)
-    tri = owner.reshape(-1)[texel]
-    centre = torch.stack([(texel % size).double() + 0.5, torch.div(texel, size, rounding_mode="floor").double() + 0.5],
-                         -1) / size
+        blocks = torch.zeros(((size + 1) // 2, (size + 1) // 2), dtype=torch.long, device=device)
+    # each texel shows its own sample, or beyond the mask its block's chosen covered texel's (covered ⊆ mask)
+    rank = torch.cumsum(mask, 0, dtype=torch.int32) - 1
+    half_h, half_w = blocks.shape
+    gutter = rank[blocks].clamp_(min=0)[:, None, :, None].expand(half_h, 2, half_w, 2).reshape(2 * half_h, 2 * half_w)
+    mask = mask.reshape(size, size)
+    source = torch.where(mask, rank.reshape(size, size), gutter[:size, :size]).flip(0).reshape(-1)
+    rows, columns = mask.nonzero().unbind(1)  # the N masked texels, row-major
+    tri = owner.reshape(-1)[rows * size + columns]
+    centre = torch.empty(len(rows), 2, dtype=torch.float64, device=device)  # (u, v) of each texel centre
+    centre[:, 0], centre[:, 1] = columns, rows
+    centre.add_(0.5).div_(size)
     # a sliver's texels outside it (its ring, or a snapping hair) sample its nearest point instead
     sliver = _slivers(uv, faces, size)[tri]
     if sliver.any():
-        a, b, c = uv.double()[faces[tri[sliver]]].unbind(1)
-        outside = _barycentric(centre[sliver], a, b, c).min(1).values < 0
-        index = sliver.nonzero().squeeze(1)[outside]
+        index = sliver.nonzero().squeeze(1)
+        a, b, c = uv.double()[faces[tri[index]]].unbind(1)
+        outside = _barycentric(centre[index], a, b, c).min(1).values < 0
+        index = index[outside]
         centre[index] = _closest_on_triangle(centre[index], a[outside], b[outside], c[outside])
     return TexelLayout(mask, tri, centre, sliver, source, uv, faces)
 
