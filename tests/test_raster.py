@@ -193,6 +193,44 @@ def test_coverage_owner_and_count_match_rasterize(seed, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(rasterize_coverage(xy, faces, size), (owner, count)))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_coverage_is_exact_at_the_largest_coordinates(seed):
+    """Edges through pixel centres (the top-left rule decides) and column bounds from quotients of
+    edge functions near 2^45, at the finest snapping of a 4096-wide image: the coverage equals each
+    pixel's edge functions evaluated one by one in int64; coordinates beyond the exact range are refused."""
+    from triplane_turbo.raster import rasterize_coverage
+
+    rng = np.random.default_rng(seed)
+    height, width, bits = 24, 4096, 10
+    scale = 1 << bits
+    # vertices on a half-pixel grid (many centres fall exactly on edges), some far right of the image
+    xy = torch.tensor(np.stack([rng.integers(-100, 2 * 4200, 45) / 2, rng.integers(-6, 2 * 28, 45) / 2], 1))
+    faces = torch.tensor(rng.integers(0, 45, (30, 3)))
+    owner, count = rasterize_coverage(xy, faces, (height, width), subpixel_bits=bits)
+
+    x, y = (np.round(xy.numpy() * scale).astype(np.int64)[faces.numpy()][..., k] for k in (0, 1))  # [F, 3]
+    rows, cols = np.indices((height, width))
+    sx, sy = scale * cols + scale // 2, scale * rows + scale // 2
+    expected_owner = np.full((height, width), -1)
+    expected_count = np.zeros((height, width), np.int64)
+    for f in reversed(range(len(faces))):
+        area = (x[f, 1] - x[f, 0]) * (y[f, 2] - y[f, 0]) - (y[f, 1] - y[f, 0]) * (x[f, 2] - x[f, 0])
+        if area == 0:
+            continue
+        inside = np.ones((height, width), bool)
+        for k in range(3):
+            ax, ay, bx, by = x[f, (k + 1) % 3], y[f, (k + 1) % 3], x[f, (k + 2) % 3], y[f, (k + 2) % 3]
+            dx, dy = (bx - ax) * np.sign(area), (by - ay) * np.sign(area)
+            edge = dx * (sy - ay) - dy * (sx - ax)
+            inside &= (edge > 0) | ((edge == 0) & ((dy < 0) | ((dy == 0) & (dx > 0))))
+        expected_owner[inside] = f
+        expected_count += inside
+    assert (expected_count > 1).any() and (expected_count == 1).sum() > 1000
+    assert np.array_equal(owner.numpy(), expected_owner) and np.array_equal(count.numpy(), expected_count)
+    with pytest.raises(ValueError, match="too far outside"):
+        rasterize_coverage(xy * 1000, faces, (height, width), subpixel_bits=bits)
+
+
 def test_coverage_of_a_closed_fan_is_exactly_one():
     from triplane_turbo.raster import rasterize_coverage
 

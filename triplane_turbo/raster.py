@@ -231,7 +231,7 @@ def rasterize_coverage(xy: torch.Tensor, faces: torch.Tensor, resolution: tuple[
     for tri, pixel, ccw in _covered_pixels(xy, faces, height, width, subpixel_bits):
         owner.scatter_reduce_(0, pixel, tri, reduce="amin")
         count.scatter_add_(0, pixel, ccw.int() if counted == "ccw" else torch.ones_like(pixel, dtype=torch.int32))
-    owner = torch.where(count > 0, owner, torch.full_like(owner, -1))
+    owner.masked_fill_(count == 0, -1)
     return owner.reshape(height, width), count.reshape(height, width)
 
 
@@ -253,12 +253,20 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
     pixel's column and row, with the top-left rule folded into its constant (an edge function is an
     integer, so "> 0, or = 0 on a top or left edge" becomes ">= 1", or ">= 0" on a top or left edge).
     On each row of a triangle's bounding box the three inequalities bound the covered columns, found
-    by exact integer division; only covered pixels are ever listed.
+    by exact division; only covered pixels are ever listed. The edge functions are integers below
+    2^52, computed in float64 (exact there, and several times faster than int64 on a CPU), and the
+    floor of a correctly rounded quotient t / a of such integers is the exact floor (t / a is either
+    an integer, or at least 1/|a| away from one, more than half an ulp); coordinates that could
+    break the bound are refused.
     """
     if len(faces) == 0:
         return
     scale = 1 << subpixel_bits
     snapped = torch.round(xy.double() * scale).to(torch.int64)
+    reach = int(snapped.abs().max()) + scale  # |coordinate| and |scale/2 - coordinate| stay below it
+    if 4 * reach * reach + 2 * reach * scale * max(height, width) >= 1 << 52:
+        raise ValueError(f"triangle coordinates up to {reach / scale:.0f} pixels are too far outside a "
+                         f"{height}x{width} image to rasterise exactly")
     faces = faces.to(device=xy.device, dtype=torch.long)
     x, y = snapped[:, 0][faces], snapped[:, 1][faces]  # [F, 3] each, in 1/scale pixel
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
@@ -269,8 +277,8 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
     top_left = (dy < 0) | ((dy == 0) & (dx > 0))
     # e = dx (sy - ay) - dy (sx - ax) at the centre sx = scale (c + 1/2), sy = scale (r + 1/2):
     # per_column · c + per_row · r + constant
-    per_column, per_row = -dy * scale, dx * scale
-    constant = dx * (scale // 2 - ay) - dy * (scale // 2 - ax) - (~top_left).long()
+    per_column, per_row = (-dy * scale).double(), (dx * scale).double()
+    constant = (dx * (scale // 2 - ay) - dy * (scale // 2 - ax) - (~top_left).long()).double()
     first_x = torch.div(x.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, width)
     last_x = torch.div(x.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, width - 1)
     first_y = torch.div(y.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, height)
@@ -282,25 +290,26 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
         rows_per = spans_y[chunk]
         tri = torch.repeat_interleave(chunk, rows_per)
         starts = torch.cumsum(rows_per, 0) - rows_per
-        row = first_y[tri] + torch.arange(len(tri), device=tri.device) - torch.repeat_interleave(starts, rows_per)
-        lo, hi = first_x[tri], last_x[tri]
-        a = per_column[tri]  # [P, 3]
-        t = per_row[tri] * row[:, None] + constant[tri]  # the edge functions are a · column + t >= 0
-        safe = torch.where(a == 0, torch.ones_like(a), a)
-        lower = -torch.div(t, safe, rounding_mode="floor")  # a > 0: column >= ceil(-t / a)
-        upper = torch.div(t, -safe, rounding_mode="floor")  # a < 0: column <= floor(t / -a)
-        lower = torch.where(a > 0, lower, torch.full_like(lower, -1))
-        upper = torch.where(a < 0, upper, torch.full_like(upper, width))
-        upper = torch.where((a == 0) & (t < 0), torch.full_like(upper, -1), upper)  # parallel edge, row outside
+        # (gathers by index_select: 3x faster than advanced indexing for these shapes on the CPU)
+        row = torch.arange(len(tri), device=tri.device) + torch.repeat_interleave(first_y[chunk] - starts, rows_per)
+        lo, hi = first_x.double().index_select(0, tri), last_x.double().index_select(0, tri)
+        a = per_column.index_select(0, tri)  # [P, 3]
+        t = torch.addcmul(constant.index_select(0, tri), per_row.index_select(0, tri), row.double()[:, None])
+        # the edge functions are a · column + t >= 0: a > 0 bounds the column from below by
+        # ceil(-t / a), a < 0 from above by floor(-t / a); a = 0 (a horizontal edge) passes or empties the row
+        quotient = t.div(a).neg_()  # -t / a (inf or nan where a = 0, never chosen)
+        lower = torch.where(a > 0, quotient.ceil(), -1.0)
+        upper = torch.where(a < 0, quotient.floor_(), float(width))
+        upper.masked_fill_((a == 0) & (t < 0), -1.0)
         # (three columns combined elementwise: torch's reductions over a dimension of 3 are slow)
-        lo = torch.maximum(torch.maximum(lo, lower[:, 0]), torch.maximum(lower[:, 1], lower[:, 2]))
-        hi = torch.minimum(torch.minimum(hi, upper[:, 0]), torch.minimum(upper[:, 1], upper[:, 2]))
-        count = (hi - lo + 1).clamp(min=0)
+        lo = torch.maximum(torch.maximum(lo, lower[:, 0]), torch.maximum(lower[:, 1], lower[:, 2])).long()
+        hi = torch.minimum(torch.minimum(hi, upper[:, 0]), torch.minimum(upper[:, 1], upper[:, 2])).long()
+        count = (hi - lo + 1).clamp_(min=0)
         pixel_tri = torch.repeat_interleave(tri, count)
         # each (triangle, row)'s first pixel, less the pixels listed before it: + a running count gives the rest
         first = row * width + lo - (torch.cumsum(count, 0) - count)
         pixel = torch.repeat_interleave(first, count) + torch.arange(len(pixel_tri), device=tri.device)
-        yield pixel_tri, pixel, area[pixel_tri] > 0
+        yield pixel_tri, pixel, area.index_select(0, pixel_tri) > 0
 
 
 def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):
