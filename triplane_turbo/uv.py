@@ -111,12 +111,17 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
     splits = np.zeros(len(faces), np.int64)  # refines the charts whose projection overlaps itself
     # faces taken out of their chart, one chart each: first those around a vertex whose projected
     # fan winds round more than once (marching-cubes slivers), found without rasterising
-    isolated = _folded_fans(vertices, faces, labels, charts)
+    projection = _project(vertices, faces, labels, charts)
+    isolated = _folded_fans(projection)
     if isolated.any():
         charts = _components(len(faces), pairs, np.where(isolated, -1 - np.arange(len(faces)), labels))
+        projection = None
     attempt = 0
     while True:  # ends: every round takes faces out of overlapping charts, and a lone face cannot overlap
-        vmapping, uv_faces, uv = _pack(vertices, faces, labels, charts, size, padding)
+        if projection is None:  # the charts changed since the last projection
+            projection = _project(vertices, faces, labels, charts)
+        vmapping, uv_faces, uv = _pack(projection, size, padding)
+        projection = None
         uv = uv.astype(np.float32)
         xy, uv_faces_t = atlas_pixels(uv, size, device), torch.from_numpy(uv_faces).to(device)
         owner, count = rasterize_coverage(xy, uv_faces_t, (size, size), counted="ccw",
@@ -234,13 +239,14 @@ def _project(vertices, faces, labels, charts):
     return vmapping, inverse.reshape(-1, 3), local, vertex_chart
 
 
-def _folded_fans(vertices, faces, labels, charts) -> np.ndarray:
-    """Faces [F] bool around a UV vertex whose projected corner angles add up to more than a turn.
+def _folded_fans(projection) -> np.ndarray:
+    """Faces [F] bool around a UV vertex whose projected corner angles add up to more than a turn
+    (``projection``: what ``_project`` returns).
 
     Every face keeps its winding in the projection, so around a vertex inside a chart the angles
     add up to one turn exactly unless the fan folds over itself (and on a chart's rim to less).
     """
-    _, uv_faces, local, _ = _project(vertices, faces, labels, charts)
+    _, uv_faces, local, _ = projection
     corners = local[uv_faces]  # [F, 3, 2]
     to_next = np.roll(corners, -1, axis=1) - corners
     to_prev = np.roll(corners, 1, axis=1) - corners
@@ -251,10 +257,11 @@ def _folded_fans(vertices, faces, labels, charts) -> np.ndarray:
     return folded[uv_faces].any(1)
 
 
-def _pack(vertices, faces, labels, charts, size, padding):
-    """Project, turn and shelf-pack the charts. Returns vmapping, uv_faces, uv [V', 2] float64."""
-    vmapping, uv_faces, local, vertex_chart = _project(vertices, faces, labels, charts)
-    count = int(charts.max()) + 1
+def _pack(projection, size, padding):
+    """Turn and shelf-pack the projected charts (what ``_project`` returns). Returns vmapping,
+    uv_faces, uv [V', 2] float64."""
+    vmapping, uv_faces, local, vertex_chart = projection
+    count = int(vertex_chart.max()) + 1  # charts are numbered 0.. (connected components), each with faces
     local = _principal_axes(local, vertex_chart, count)
     lo = np.full((count, 2), np.inf)
     hi = np.full((count, 2), -np.inf)
