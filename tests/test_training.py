@@ -21,7 +21,8 @@ from triplane_turbo.checkpoint import read_checkpoint
 from triplane_turbo.training import (Adan, FixedImageTeacher, LearnedBackground, MeshRenderer, NeuSRenderer, PRDTrainer,
                                      StableDiffusionTeacher, Teacher, TrainConfig, VolumeConfig, sample_cameras)
 from triplane_turbo.antialias import antialias, edge_neighbours
-from triplane_turbo.training.config import TINY_TRAINING, BackgroundConfig, CameraConfig, MeshConfig, OptimizerConfig
+from triplane_turbo.training.config import (TINY_TRAINING, TINY_TRAINING_LATENT, BackgroundConfig, CameraConfig,
+                                             MeshConfig, OptimizerConfig)
 from triplane_turbo.training.mesh import differentiable_mesh
 from triplane_turbo.training.recipes import RECIPES
 from triplane_turbo.triplane import TriplaneFields, sample_bilinear
@@ -36,7 +37,7 @@ PROMPTS = ["a wooden chair", "a red car"]
 def tiny_training_pipe(tiny_model_dir):
     base_dir, adapter_file = tiny_model_dir
     pipe = TriplaneTurboPipeline.from_pretrained(str(base_dir), str(adapter_file), fuse_lora=False,
-                                                 config=GenerationConfig(latent_size=16))
+                                                 config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -361,7 +362,7 @@ def test_from_scratch_the_adapter_is_initialised_as_the_authors(tiny_model_dir):
     assert abs(float(downs.std()) - 1 / 4) < 0.02
     assert torch.equal(fresh["geometry.bbox"], torch.tensor([[-1.0] * 3, [1.0] * 3]))
     pipe = TriplaneTurboPipeline.from_components(**parts, adapter_state_dict=fresh, fuse_lora=False,
-                                                 config=GenerationConfig(latent_size=16))
+                                                 config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
     x, t, context = torch.randn(6, 4, 16, 16), torch.tensor(999), torch.randn(6, 77, 32)
     with torch.no_grad():
         adapted = pipe.predict_noise(x, t, context)
@@ -422,7 +423,7 @@ import sys, torch
 from accelerate import Accelerator
 from triplane_turbo import GenerationConfig, TriplaneTurboPipeline
 from triplane_turbo.training import PRDTrainer, StableDiffusionTeacher, TrainConfig, VolumeConfig, MeshConfig
-from triplane_turbo.training.config import TINY_TRAINING, BackgroundConfig, CameraConfig
+from triplane_turbo.training.config import TINY_TRAINING, TINY_TRAINING_LATENT, BackgroundConfig, CameraConfig
 from triplane_turbo.training.prd import ddp_kwargs
 
 def step_gradients(base, adapter, fake_rank):
@@ -432,7 +433,8 @@ def step_gradients(base, adapter, fake_rank):
                          volume=VolumeConfig(coarse_samples=8, fine_samples=0, rays=8, global_rays=0, patch_rays=0),
                          mesh=MeshConfig(grid=16, image=16), background=BackgroundConfig(levels=2, log2_table=8, hidden=8))
     accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs(config)])
-    pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False, config=GenerationConfig(latent_size=16))
+    pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False,
+                                                 config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
     teacher = StableDiffusionTeacher(base, config=TINY_TRAINING["guidance"], text_encoder=pipe.text_encoder,
                                      tokenizer=pipe.tokenizer)
     trainer = PRDTrainer(pipe, [teacher], config, accelerator)
@@ -477,7 +479,13 @@ def test_two_processes_with_no_sync_average_the_gradients_of_all_four_passes(tmp
     both = torch.load(tmp_path / "both.pt", weights_only=True)
     assert len(both) == len(one) > 0
     assert not all(torch.allclose(one[i], other[i]) for i in one)  # the two processes had different data
-    assert all(torch.allclose(both[i], (one[i] + other[i]) / 2, rtol=1e-4, atol=1e-7) for i in both)
+    # equal up to float32 rounding at the scale of each tensor's two gradients (the runs sum in
+    # different orders: up to 2e-4 of it seen, in a small bias where the two nearly cancel; a tensor
+    # left out of the reduction would be off by a good part of it)
+    def off(i):
+        scale = torch.maximum(one[i].abs().max(), other[i].abs().max())
+        return float((both[i] - (one[i] + other[i]) / 2).abs().max() / scale) if scale > 0 else 0.0
+    assert max(map(off, both)) < 1e-3, sorted(both, key=off)[-3:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +538,7 @@ def test_three_steps_export_an_adapter_that_loads_and_resuming_continues(recipe,
     assert any(k.startswith("background.") for k in torch.load(run / "checkpoints" / "checkpoint_1" / "trainable.pt",
                                                                 weights_only=True))
     pipe = TriplaneTurboPipeline.from_pretrained(str(tiny_model_dir[0]), str(run / "adapter.pth"),
-                                                 config=GenerationConfig(latent_size=16))
+                                                 config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
     pipe.set_progress_bar_config(disable=True)
     assert len(pipe("a wooden chair", seed=1, mesh_resolution=48, texture="vertex").meshes[0].faces) > 100
     if recipe != "sd":

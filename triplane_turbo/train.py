@@ -302,9 +302,10 @@ def load_pipeline(args: argparse.Namespace, weights, spec, device):
     from . import TriplaneTurboPipeline
     from .config import GenerationConfig
     from .loading import components_from_resolved
+    from .training.config import TINY_TRAINING_LATENT
     from .training.init import fresh_adapter_state_dict
 
-    generation = GenerationConfig(latent_size=16) if args.tiny else GenerationConfig()
+    generation = GenerationConfig(latent_size=TINY_TRAINING_LATENT) if args.tiny else GenerationConfig()
     if args.from_scratch:
         parts = components_from_resolved(weights)
         fresh = fresh_adapter_state_dict(parts["unet"], parts["vae"], spec, args.seed)

@@ -133,6 +133,10 @@ class TrainConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
+#: Latent side of each plane when training the tiny model (--tiny; the tiny demo generates at 16): 8²
+#: latents, 16² planes, a quarter of the pixels for the UNet and the decoder to push gradients through.
+TINY_TRAINING_LATENT = 8
+
 #: Sizes small enough for the tiny model on a CPU (tests, --tiny): same code, fewer pixels and samples.
 TINY_TRAINING = dict(
     volume=VolumeConfig(coarse_samples=16, fine_samples=8, rays=24, global_rays=12, patch_rays=8),
