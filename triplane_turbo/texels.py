@@ -52,9 +52,9 @@ def _nearest_covered(covered: torch.Tensor, extend: float):
         blocks [⌈H/2⌉, ⌈W/2⌉] int64: for each 2×2 block of texels, a covered texel that its uncovered
             texels copy: no more than 2√2 texels farther than their nearest covered texel.
 
-    The exact transform of the whole image was a fifth of a bake (50 ms at 1024²); the gutters only
-    need a nearby covered texel, so it runs on the blocks (a quarter of the texels), and the ring,
-    where the exact nearest triangle is extended, looks up the few texels within reach directly.
+    An exact distance transform of the whole image costs a fifth of a bake (50 ms at 1024²), and the
+    gutters only need a nearby covered texel: so it runs on the blocks (a quarter of the texels), and
+    the ring, where the exact nearest triangle is extended, looks up the few texels within reach.
     """
     from scipy.ndimage import distance_transform_edt
 
@@ -67,7 +67,8 @@ def _nearest_covered(covered: torch.Tensor, extend: float):
     else:
         even = covered
     quads = even.view(half_h, 2, half_w, 2)
-    top_left, top_right, bottom_left, bottom_right = quads[:, 0, :, 0], quads[:, 0, :, 1], quads[:, 1, :, 0], quads[:, 1, :, 1]
+    top_left, top_right = quads[:, 0, :, 0], quads[:, 0, :, 1]
+    bottom_left, bottom_right = quads[:, 1, :, 0], quads[:, 1, :, 1]
     top = top_left | top_right
     any_covered = top | bottom_left | bottom_right
     # a covered texel of each block with one: in its top row if it has one there, else the bottom row
