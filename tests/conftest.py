@@ -29,6 +29,19 @@ FIXTURES = TESTS / "fixtures"
 FIXTURE_A = FIXTURES / "fixture_a"
 
 
+#: The test modules that take longest (each 35-130 s of a full run on the project's 2-core machine),
+#: longest first. pytest-xdist hands whole modules out in collection order (``--dist loadscope
+#: --no-loadscope-reorder``, in pyproject.toml); its default, most tests first, left the browser
+#: module to start last and one worker idle for 40-50 s at the end.
+LONGEST_MODULES = ("test_browser.py", "test_training.py", "test_app.py", "test_batch.py", "test_cli.py",
+                   "test_parity.py", "test_bench.py", "test_evaluate.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def temporary_files_under_pytest(tmp_path_factory):
     """Temporary files of this process and its subprocesses go under pytest's own folder: gradio_client
