@@ -363,7 +363,8 @@ def test_from_scratch_the_adapter_is_initialised_as_the_authors(tiny_model_dir):
     assert torch.equal(fresh["geometry.bbox"], torch.tensor([[-1.0] * 3, [1.0] * 3]))
     pipe = TriplaneTurboPipeline.from_components(**parts, adapter_state_dict=fresh, fuse_lora=False,
                                                  config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
-    x, t, context = torch.randn(6, 4, 16, 16), torch.tensor(999), torch.randn(6, 77, 32)
+    size = TINY_TRAINING_LATENT
+    x, t, context = torch.randn(6, 4, size, size), torch.tensor(999), torch.randn(6, 77, 32)
     with torch.no_grad():
         adapted = pipe.predict_noise(x, t, context)
         for name, param in pipe.unet.named_parameters():

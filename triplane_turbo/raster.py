@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -219,10 +220,14 @@ def rasterize_coverage(xy: torch.Tensor, faces: torch.Tensor, resolution: tuple[
         owner [H, W] int64: the lowest id of the triangles covering the pixel centre, -1 where none;
         count [H, W] int32: how many (counted) triangles cover it: more than one only where
         triangles overlap.
+    Raises:
+        ValueError: for vertices that are not finite or so far outside the image that the edge
+            functions could leave float64's exact integers (at 1/1024 pixel about 30,000 pixels
+            out; see ``_covered_pixels``).
     """
     if counted not in ("all", "ccw"):
         raise ValueError(f"counted must be 'all' or 'ccw', got {counted!r}")
-    if not 1 <= subpixel_bits <= 10:  # keeps every edge function below 2^53 for 4096-pixel images
+    if not 1 <= subpixel_bits <= 10:
         raise ValueError(f"subpixel_bits must be in 1..10, got {subpixel_bits}")
     height, width = int(resolution[0]), int(resolution[1])
     device = xy.device
@@ -253,22 +258,25 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
     pixel's column and row, with the top-left rule folded into its constant (an edge function is an
     integer, so "> 0, or = 0 on a top or left edge" becomes ">= 1", or ">= 0" on a top or left edge).
     On each row of a triangle's bounding box the three inequalities bound the covered columns, found
-    by exact division; only covered pixels are ever listed. The edge functions are integers below
-    2^52, computed in float64 (exact there, and several times faster than int64 on a CPU), and the
-    floor of a correctly rounded quotient t / a of such integers is the exact floor (t / a is either
-    an integer, or at least 1/|a| away from one, more than half an ulp); coordinates that could
-    break the bound are refused.
+    by exact division; only covered pixels are ever listed. Each row's edge function at column 0,
+    t, and the per-column step a are integers below 2^52, computed in float64 (exact there, and
+    several times faster than int64 on a CPU), and the floor of a correctly rounded quotient t / a of
+    such integers is the exact floor (t / a is either an integer, or at least 1/|a| away from one,
+    more than half an ulp); coordinates that could break the bound, or are not finite, are refused.
     """
     if len(faces) == 0:
         return
     scale = 1 << subpixel_bits
-    snapped = torch.round(xy.double() * scale).to(torch.int64)
-    reach = int(snapped.abs().max()) + scale  # |coordinate| and |scale/2 - coordinate| stay below it
-    if 4 * reach * reach + 2 * reach * scale * max(height, width) >= 1 << 52:
-        raise ValueError(f"triangle coordinates up to {reach / scale:.0f} pixels are too far outside a "
-                         f"{height}x{width} image to rasterise exactly")
     faces = faces.to(device=xy.device, dtype=torch.long)
-    x, y = snapped[:, 0][faces], snapped[:, 1][faces]  # [F, 3] each, in 1/scale pixel
+    corners = xy.double()[faces] * scale  # [F, 3, 2], in 1/scale pixel
+    largest = float(corners.abs().max())  # nan if any is
+    # |t| <= 4 reach² + 2 reach · scale · height, with reach bounding |coordinate| and |scale/2 - coordinate|
+    reach = math.ceil(largest) + scale if math.isfinite(largest) else math.inf
+    if not 4 * reach * reach + 2 * reach * scale * max(height, width) < 1 << 52:
+        raise ValueError(f"triangle coordinates up to {largest / scale:.0f} pixels are not finite or too far "
+                         f"outside a {height}x{width} image to rasterise exactly")
+    snapped = torch.round(corners).to(torch.int64)
+    x, y = snapped[..., 0], snapped[..., 1]  # [F, 3] each
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
     sign = torch.sign(area)[:, None]
     # edge k runs from corner k+1 to corner k+2 (the edge opposite corner k); interior positive

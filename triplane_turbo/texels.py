@@ -66,7 +66,7 @@ def _nearest_covered(covered: torch.Tensor, extend: float):
         even[:height, :width] = covered
     else:
         even = covered
-    quads = even.view(half_h, 2, half_w, 2)
+    quads = even.reshape(half_h, 2, half_w, 2)
     top_left, top_right = quads[:, 0, :, 0], quads[:, 0, :, 1]
     bottom_left, bottom_right = quads[:, 1, :, 0], quads[:, 1, :, 1]
     top = top_left | top_right
@@ -94,6 +94,9 @@ def _nearest_covered(covered: torch.Tensor, extend: float):
     texel_rows, texel_columns = texel_rows[keep], texel_columns[keep]
     # each candidate's neighbours within reach, nearest first, read from a zero-bordered copy
     steps = _ring_offsets(extend)
+    if not steps or len(texel_rows) == 0:  # no ring (extend < 1, or nothing uncovered near a chart)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return none, none, blocks
     margin = int(math.floor(extend))
     bordered = torch.zeros(height + 2 * margin, width + 2 * margin, dtype=torch.bool, device=device)
     bordered[margin:margin + height, margin:margin + width] = covered
@@ -104,7 +107,7 @@ def _nearest_covered(covered: torch.Tensor, extend: float):
     first = hits.to(torch.uint8).argmax(1)[found]  # the first hit is the nearest
     ring = (texel_rows * width + texel_columns)[found]
     steps_flat = torch.tensor([dy * width + dx for dy, dx in steps], dtype=torch.long, device=device)
-    return ring, ring + steps_flat[first], blocks.reshape(half_h, half_w)
+    return ring, ring + steps_flat[first], blocks
 
 
 @dataclass

@@ -12,8 +12,9 @@ A baked texture reads it once per texel instead, so a light mesh keeps the field
    field values;
 3. the colour field at those points (``PlaneQuery``: the colour head's first layer folded into the
    planes, one fused gather per point), into a square sRGB image;
-4. every texel farther out copies its nearest covered texel (the same distance transform as step 2),
-   so mip-mapped lookups near chart borders do not bleed the background in;
+4. every texel farther out copies a covered texel near its nearest (no more than 2√2 texels farther;
+   a distance transform of 2×2 blocks), so mip-mapped lookups near chart borders do not bleed the
+   background in;
 5. optionally a tangent-space normal map from the SDF's gradient, in MikkTSpace frames
    (``tangents.mikktspace``: what glTF viewers derive when a file carries no tangents), and the
    tangents themselves, which the GLB then carries; so a simplified mesh shades like the full
