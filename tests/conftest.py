@@ -157,12 +157,17 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
     wait until the test calls ``release(server, "load" | "bake")``: handed out the moment the page
     answers."""
     root = tmp_path_factory.mktemp(name)
-    gates = {"SLOW_APP_LOAD_GATE": str(root / "release-load") if hold_load else "",
-             "SLOW_APP_BAKE_GATE": str(root / "release-bake") if hold_bake else ""}
+    gates = {"SLOW_APP_LOAD_GATE": str(_gate(root, "load")) if hold_load else "",
+             "SLOW_APP_BAKE_GATE": str(_gate(root, "bake")) if hold_bake else ""}
     return running_app(root, [str(TESTS / "slow_app.py")], ("Running on local URL",), {**gates, "SLOW_APP_FAIL": fail})
+
+
+def _gate(root: Path, what: str) -> Path:
+    """The file a ``slow_app`` server rooted at ``root`` waits for before its ``what`` goes on."""
+    return root / f"release-{what}"
 
 
 def release(server: AppServer, what: str) -> None:
     """Lets a ``slow_app`` server's model load (``"load"``) or its texture bakes (``"bake"``) go on."""
-    (server.tmpdir.parent / f"release-{what}").touch()
+    _gate(server.tmpdir.parent, what).touch()  # running_app's tmpdir lies in the server's root
 

@@ -293,6 +293,7 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
     last_y = torch.div(y.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, height - 1)
     spans_x, spans_y = (last_x - first_x + 1).clamp(min=0), (last_y - first_y + 1).clamp(min=0)
     triangles = ((area != 0) & (spans_x > 0) & (spans_y > 0)).nonzero().squeeze(1)
+    first_column, last_column = first_x.double(), last_x.double()  # the bounds below are float64
     # (triangle, row) pairs, in chunks whose bounding-box pixels stay bounded
     for chunk in _chunks(triangles, (spans_x * spans_y)[triangles], PAIRS_PER_CHUNK):
         rows_per = spans_y[chunk]
@@ -300,7 +301,7 @@ def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: i
         starts = torch.cumsum(rows_per, 0) - rows_per
         # (gathers by index_select: 3x faster than advanced indexing for these shapes on the CPU)
         row = torch.arange(len(tri), device=tri.device) + torch.repeat_interleave(first_y[chunk] - starts, rows_per)
-        lo, hi = first_x.double().index_select(0, tri), last_x.double().index_select(0, tri)
+        lo, hi = first_column.index_select(0, tri), last_column.index_select(0, tri)
         a = per_column.index_select(0, tri)  # [P, 3]
         t = torch.addcmul(constant.index_select(0, tri), per_row.index_select(0, tri), row.double()[:, None])
         # the edge functions are a · column + t >= 0: a > 0 bounds the column from below by

@@ -115,13 +115,10 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
     isolated = _folded_fans(projection)
     if isolated.any():
         charts = _components(len(faces), pairs, np.where(isolated, -1 - np.arange(len(faces)), labels))
-        projection = None
+        projection = _project(vertices, faces, labels, charts)
     attempt = 0
     while True:  # ends: every round takes faces out of overlapping charts, and a lone face cannot overlap
-        if projection is None:  # the charts changed since the last projection
-            projection = _project(vertices, faces, labels, charts)
         vmapping, uv_faces, uv = _pack(projection, size, padding)
-        projection = None
         uv = uv.astype(np.float32)
         xy, uv_faces_t = atlas_pixels(uv, size, device), torch.from_numpy(uv_faces).to(device)
         owner, count = rasterize_coverage(xy, uv_faces_t, (size, size), counted="ccw",
@@ -144,6 +141,7 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
             isolated[culprits[~np.isin(charts[culprits], large)]] = True
         key = np.where(isolated, -1 - np.arange(len(faces)), labels * (splits.max() + 1) + splits)
         charts = _components(len(faces), pairs, key)
+        projection = _project(vertices, faces, labels, charts)
         attempt += 1
     out = (vmapping, uv_faces, uv)
     return (*out, owner) if return_owner else out
