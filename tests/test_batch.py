@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import trimesh
@@ -141,25 +143,41 @@ def accelerate_batch(prompts: Path, out: Path, cwd: Path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_processes_killed_part_way_and_resumed(tmp_path):
+def test_two_processes_killed_part_way_and_resumed_by_one(tmp_path, monkeypatch, capsys):
+    """A two-process run killed mid-way (the launcher and both workers), then finished by a run in one
+    process (this one, through ``main(argv)``): every line once, nothing made twice. Two processes
+    running to the end are in tests/test_evaluate.py."""
+    from triplane_turbo import batch
+
     work, out = tmp_path / "cwd", tmp_path / "out"
     work.mkdir()
     prompts = write_prompts(tmp_path)
     first = accelerate_batch(prompts, out, work)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
-        done = sum(len(p.read_text().splitlines()) for p in out.glob("manifest.rank*.jsonl")) if out.exists() else 0
-        if done >= 3:
+        done = [len(out.joinpath(f"manifest.rank{rank}.jsonl").read_text().splitlines())
+                if out.joinpath(f"manifest.rank{rank}.jsonl").exists() else 0 for rank in (0, 1)]
+        if min(done) >= 1 and sum(done) >= 3:  # both processes have written, and the run is not over
             break
         time.sleep(0.1)
     assert first.poll() is None, f"the first run ended before it could be killed:\n{first.stdout.read()}"
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    # the launcher and both workers, mid-run (torch's launcher starts each worker in a session of its
+    # own: killing the launcher's process group alone leaves them running)
+    processes = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+    assert len(processes) >= 3, processes
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker whose share was done may have ended
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
     first.wait()
     assert not (out / "manifest.jsonl").exists() and len(read_records(out)) < len(PROMPTS)
+    made_before = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in read_records(out).values()
+                   if r["status"] == "ok"}
 
-    second = accelerate_batch(prompts, out, work)
-    output, _ = second.communicate(timeout=400)
-    assert second.returncode == 0, output
+    monkeypatch.chdir(work)
+    assert batch.main([str(prompts), "--out", str(out), "--tiny", "--resolution", "48", "--texture-size", "256",
+                       "--batch-size", "2", "-q"]) == 0
+    output = capsys.readouterr().out
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["line"] for r in records] == [1, 3, 4, 5, 6, 7, 8, 10]  # one record per non-blank line
     ok = {r["line"]: r for r in records if r["status"] == "ok"}
@@ -168,13 +186,14 @@ def test_two_processes_killed_part_way_and_resumed(tmp_path):
         assert record["seed"] == line - 1  # --seed 0: line n uses seed n - 1
         mesh = trimesh.load_scene(out / record["file"], process=False)
         assert sum(len(g.faces) for g in mesh.geometry.values()) > 100
+    assert {name: (out / name).stat().st_mtime_ns for name in made_before} == made_before  # not made again
     ranks = {json.loads(line)["rank"] for path in out.glob("manifest.rank*.jsonl")
              for line in path.read_text().splitlines()}
-    assert ranks == {0, 1}  # both processes did work
+    assert ranks == {0, 1}  # both processes of the first run did work
     expected = {r["file"] for r in ok.values()} | {"manifest.jsonl", "manifest.rank0.jsonl", "manifest.rank1.jsonl"}
     assert {p.name for p in out.iterdir()} == expected  # nothing else in the output folder
     assert list(work.iterdir()) == []  # nor in the working directory
-    assert "7 ok, 1 errors" in output
+    assert "7 ok, 1 errors" in output and f"this process made {len(VALID) - len(made_before)} meshes" in output
 
 
 def test_a_line_from_the_batch_equals_the_command_line(tmp_path, monkeypatch, capsys):

@@ -149,6 +149,20 @@ def test_the_commands_share_one_option_set_with_the_librarys_bounds(capsys):
 # ---------------------------------------------------------------------------------------------
 # After the README's install, from a user's own folder (fresh processes: slow)
 # ---------------------------------------------------------------------------------------------
+#: Runs each command of the test below as ``python -m`` would (runpy), one after the other, in one
+#: fresh process: a process per command would import torch, diffusers and transformers three times.
+AS_PYTHON_M = """
+import runpy, sys
+for argv in COMMANDS:
+    sys.argv = argv[:]
+    try:
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            sys.exit(f"python -m {' '.join(argv)}: exit code {exit_.code}")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
@@ -159,23 +173,21 @@ def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
     (home / "prompts.txt").write_text("a chair\n", encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    where = subprocess.run([sys.executable, "-c", "import triplane_turbo; print(triplane_turbo.__file__)"], cwd=home,
-                           env=env, capture_output=True, text=True)
-    assert where.returncode == 0, "the package is not installed: the README's installs put it on the path (-e .)"
+    where = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec("
+                            "'triplane_turbo').origin)"], cwd=home, env=env, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.strip() != "None", "the package is not installed: the README's installs put it on the path (-e .)"
     assert Path(where.stdout.strip()).resolve().parent.parent == REPO.resolve(), \
         f"this environment installs another copy of the package: {where.stdout.strip()}"
-    commands = {
-        "generate": ["-m", "triplane_turbo", "a chair", "--tiny", "--resolution", "32", "--texture", "vertex", "-q"],
-        "batch": ["-m", "triplane_turbo.batch", "prompts.txt", "--out", "meshes", "--tiny", "--resolution", "32",
-                  "--texture", "vertex", "-q"],
-        "train": ["-m", "triplane_turbo.train", "--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--steps", "1",
-                  "--output", "run", "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every",
-                  "0", "-q"],
-    }
-    running = {name: subprocess.Popen([sys.executable, *command], cwd=home, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
-    for name, process in running.items():  # side by side: each writes its own files
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{name}: {output[-2000:]}"
+    commands = [
+        ["triplane_turbo", "a chair", "--tiny", "--resolution", "32", "--texture", "vertex", "-q"],
+        ["triplane_turbo.batch", "prompts.txt", "--out", "meshes", "--tiny", "--resolution", "32", "--texture",
+         "vertex", "-q"],
+        ["triplane_turbo.train", "--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--steps", "1", "--output",
+         "run", "--prompts-per-step", "1", "--views", "1", "--renderers", "mesh", "--preview-every", "0", "-q"],
+    ]
+    run = subprocess.run([sys.executable, "-c", f"COMMANDS = {commands!r}\n{AS_PYTHON_M}"], cwd=home, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     assert (home / "mesh.glb").is_file() and (home / "meshes" / "manifest.jsonl").is_file()
     assert (home / "run" / "adapter.pth").is_file()
