@@ -14,12 +14,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest-xdist's workers share th
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+import logging  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -90,11 +92,12 @@ APP_OUTPUT_MAX_BYTES = 40_000_000
 class AppServer:
     url: str
     output_dir: Path  # TRIPLANE_TURBO_OUTPUT_DIR
-    workdir: Path  # the server's current directory: must stay empty
+    workdir: Path  # the server's current directory: must stay empty (slow_app: an empty folder, unused)
     tmpdir: Path  # its TMPDIR and GRADIO_TEMP_DIR live here
     log: Path
     max_bytes: int
     texture_size: int = APP_TEXTURE_SIZE
+    gates: dict = field(default_factory=dict)  # slow_app: what release() lets go on (threading.Event)
 
 
 def free_port() -> int:
@@ -152,22 +155,75 @@ def app_server(tmp_path_factory):
         yield server
 
 
+#: A held server whose test never lets it go on (it failed first) is let go when the test ends; this
+#: bounds a load or bake left waiting all the same.
+LONGEST_HOLD_SECONDS = 600
+
+
+@contextmanager
 def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True, hold_bake: bool = False):
-    """`python app.py --tiny` whose model load (which then fails, if ``fail``) and/or texture bakes
+    """The app's page (``app.build_demo`` on the tiny model, as ``app.py --tiny`` builds it) served from
+    this process, whose model load (which then fails with ``fail``, if given) and/or texture bakes
     wait until the test calls ``release(server, "load" | "bake")``: handed out the moment the page
-    answers."""
+    answers. (In this process: a fresh one would import torch, diffusers and gradio again for each;
+    ``python app.py`` itself is the ``app_server`` fixture.)"""
+    import app
+    from triplane_turbo import WeightsNotAvailableError, tiny
+    from triplane_turbo.mesher import TriplaneMesher
+    from triplane_turbo.web import make_loader
+
     root = tmp_path_factory.mktemp(name)
-    gates = {"SLOW_APP_LOAD_GATE": str(_gate(root, "load")) if hold_load else "",
-             "SLOW_APP_BAKE_GATE": str(_gate(root, "bake")) if hold_bake else ""}
-    return running_app(root, [str(TESTS / "slow_app.py")], ("Running on local URL",), {**gates, "SLOW_APP_FAIL": fail})
+    workdir, output_dir, tmpdir = root / "cwd", root / "outputs", root / "tmp"
+    for folder in (workdir, tmpdir):
+        folder.mkdir()
+    gates = {"load": threading.Event(), "bake": threading.Event()}
+    for what, hold in (("load", hold_load), ("bake", hold_bake)):
+        if not hold:
+            gates[what].set()
+    tiny_pipeline, bake_textures = tiny.tiny_pipeline, TriplaneMesher.bake_textures
 
+    def held_tiny_pipeline(*args, **kwargs):
+        gates["load"].wait(LONGEST_HOLD_SECONDS)
+        if fail:
+            raise WeightsNotAvailableError(fail)
+        return tiny_pipeline(*args, **kwargs)
 
-def _gate(root: Path, what: str) -> Path:
-    """The file a ``slow_app`` server rooted at ``root`` waits for before its ``what`` goes on."""
-    return root / f"release-{what}"
+    def held_bake_textures(*args, **kwargs):
+        gates["bake"].wait(LONGEST_HOLD_SECONDS)
+        return bake_textures(*args, **kwargs)
+
+    log = root / "server.log"
+    log_handler = logging.FileHandler(log)
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("triplane_turbo")
+    level = logger.level
+    demo = loader = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny, "tiny_pipeline", held_tiny_pipeline)
+        patch.setattr(TriplaneMesher, "bake_textures", held_bake_textures)
+        logger.addHandler(log_handler)
+        logger.setLevel(logging.INFO)
+        try:
+            loader, bake_fields = make_loader(True, "cpu")
+            demo = app.build_demo(loader, output_dir, tiny=True, max_bytes=APP_OUTPUT_MAX_BYTES,
+                                  bake_fields=bake_fields, texture_size=APP_TEXTURE_SIZE)
+            port = free_port()
+            demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **app.launch_kwargs())
+            yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES,
+                            gates=gates)
+        finally:
+            for gate in gates.values():  # nothing left waiting
+                gate.set()
+            if demo is not None:
+                demo.close()
+            if loader is not None:
+                loader.wait(60)
+            logger.removeHandler(log_handler)
+            logger.setLevel(level)
+            log_handler.close()
 
 
 def release(server: AppServer, what: str) -> None:
     """Lets a ``slow_app`` server's model load (``"load"``) or its texture bakes (``"bake"``) go on."""
-    _gate(server.tmpdir.parent, what).touch()  # running_app's tmpdir lies in the server's root
-
+    server.gates[what].set()

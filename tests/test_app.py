@@ -4,7 +4,8 @@ a sleeping Space.
 
 The live server is the session fixture ``app_server`` (tests/conftest.py): tiny random model, CPU,
 a temporary output folder with a 40 MB budget, and an empty current directory. The handlers' error
-paths on stub pipelines are in tests/test_web.py.
+paths on stub pipelines are in tests/test_web.py. The cold starts are the same page served from this
+process with its model load held back (conftest's ``slow_app``); the crowd has a server of its own.
 """
 
 from __future__ import annotations
@@ -402,7 +403,6 @@ def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
         assert Path(results[0][0]).read_bytes() == Path(results[2][0]).read_bytes()
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_failed_load_is_a_clear_error_for_every_caller(tmp_path_factory):
     with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny") as server:
