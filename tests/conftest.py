@@ -86,6 +86,9 @@ APP_TEXTURE_SIZE = 256
 #: Output-folder budget of the test server: room for about eight tiny results at resolution 128
 #: (each about 4.5 MB: GLB, OBJ zip, PLY and STL of ~40k faces).
 APP_OUTPUT_MAX_BYTES = 40_000_000
+#: Requests that may wait for the GPU on the test server: a bound that tests/test_app.py's crowd of a
+#: hundred fills; no other test has more than three requests in flight.
+APP_MAX_QUEUE = 8
 
 
 @dataclass
@@ -121,6 +124,7 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
            "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),
+           "TRIPLANE_TURBO_MAX_QUEUE": str(APP_MAX_QUEUE),
            "TRIPLANE_TURBO_TEXTURE_SIZE": str(APP_TEXTURE_SIZE),
            "TMPDIR": str(tmpdir), "GRADIO_TEMP_DIR": str(tmpdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",

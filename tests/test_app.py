@@ -3,9 +3,10 @@ links, variants, bad inputs, the output folder's rules, a crowd of a hundred, an
 a sleeping Space.
 
 The live server is the session fixture ``app_server`` (tests/conftest.py): tiny random model, CPU,
-a temporary output folder with a 40 MB budget, and an empty current directory. The handlers' error
-paths on stub pipelines are in tests/test_web.py. The cold starts are the same page served from this
-process with its model load held back (conftest's ``slow_app``); the crowd has a server of its own.
+a temporary output folder with a 40 MB budget, 8 requests that may wait for the GPU (the crowd fills
+them), and an empty current directory. The handlers' error paths on stub pipelines are in
+tests/test_web.py. The cold starts are the same page served from this process with its model load
+held back (conftest's ``slow_app``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 import app as webapp
 from triplane_turbo.config import MAX_SEED
 
-from .conftest import release, running_app, slow_app
+from .conftest import APP_MAX_QUEUE, release, slow_app
 
 PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify", "target_faces",
               "texture"]
@@ -316,56 +317,54 @@ def test_vertex_coloured_glbs_carry_normals(client):
 # ---------------------------------------------------------------------------------------------
 # A crowd: a hundred requests at once, while stored results and the page keep answering
 # ---------------------------------------------------------------------------------------------
-CROWD, CROWD_QUEUE, IDENTICAL = 100, 8, 4
+CROWD, CROWD_QUEUE, IDENTICAL = 100, APP_MAX_QUEUE, 4
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(tmp_path_factory):
-    """100 concurrent generate requests on a server that lets 8 wait for the GPU, four of them identical
-    (sent a moment ahead) and the rest with distinct seeds: each gets a mesh or "busy, try again" (never
-    a bare error), the identical ones one mesh made once; meanwhile a stored result and the page answer
-    within seconds; afterwards a fresh request works."""
-    with running_app(tmp_path_factory.mktemp("crowd"), [str(webapp.ASSETS.parent / "app.py"), "--tiny"],
-                     ("Running on local URL", "model ready"), {"TRIPLANE_TURBO_MAX_QUEUE": str(CROWD_QUEUE)}) as server:
-        client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
-        stored = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
-        seeds = [42] * IDENTICAL + [1000 + i for i in range(CROWD - IDENTICAL)]
+def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(app_server, tmp_path_factory):
+    """100 concurrent generate requests on the test server, which lets 8 wait for the GPU, four of them
+    identical (sent a moment ahead) and the rest with distinct seeds: each gets a mesh or "busy, try
+    again" (never a bare error), the identical ones one mesh made once; meanwhile a stored result and
+    the page answer within seconds; afterwards a fresh request works."""
+    client = Client(app_server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("crowd-downloads")))
+    stored = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
+    seeds = [42] * IDENTICAL + [1000 + i for i in range(CROWD - IDENTICAL)]
 
-        def submit(seed):
-            return client.submit(prompt="a crowd of robots", seed=seed, randomize_seed=False, mesh_resolution=128,
-                                 texture="vertex", api_name="/generate")
+    def submit(seed):
+        return client.submit(prompt="a crowd of robots", seed=seed, randomize_seed=False, mesh_resolution=128,
+                             texture="vertex", api_name="/generate")
 
-        jobs = [submit(seed) for seed in seeds[:IDENTICAL]]
-        time.sleep(0.5)  # let in before the rest
-        jobs += [submit(seed) for seed in seeds[IDENTICAL:]]
-        time.sleep(1.0)  # the crowd is queued or being answered
-        assert sum(not job.done() for job in jobs) > 0
-        started = time.monotonic()
-        again = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
-        assert time.monotonic() - started < 5 and again["info"]["cached"] is True
-        assert Path(again["glb"]).read_bytes() == Path(stored["glb"]).read_bytes()
-        started = time.monotonic()
-        with urllib.request.urlopen(server.url, timeout=10) as page:
-            assert page.status == 200 and b"TriplaneTurbo" in page.read()
-        assert time.monotonic() - started < 5
-        assert sum(not job.done() for job in jobs) > 0, "the crowd was over before the checks: nothing was measured"
-        meshes, busy, identical = 0, 0, []
-        for seed, job in zip(seeds, jobs):
-            try:
-                glb, info, *_ = job.result(timeout=300)
-                assert info["faces"] > 100 and Path(glb).is_file()
-                meshes += 1
-                if seed == 42:
-                    identical.append((Path(glb).read_bytes(), info["cached"]))
-            except ValidationError as exc:
-                assert "busy" in str(exc) and "try again" in str(exc), str(exc)
-                busy += 1
-        assert meshes + busy == CROWD and meshes >= CROWD_QUEUE and busy > 0  # the bound, no fewer
-        # identical requests: the same mesh, made once (the others found it stored: single flight)
-        assert len(identical) == IDENTICAL and len({glb for glb, _ in identical}) == 1
-        assert sum(not cached for _, cached in identical) == 1
-        assert generate(client, prompt="after the crowd", seed=5, texture="vertex")["info"]["cached"] is False
+    jobs = [submit(seed) for seed in seeds[:IDENTICAL]]
+    time.sleep(0.5)  # let in before the rest
+    jobs += [submit(seed) for seed in seeds[IDENTICAL:]]
+    time.sleep(1.0)  # the crowd is queued or being answered
+    assert sum(not job.done() for job in jobs) > 0
+    started = time.monotonic()
+    again = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
+    assert time.monotonic() - started < 5 and again["info"]["cached"] is True
+    assert Path(again["glb"]).read_bytes() == Path(stored["glb"]).read_bytes()
+    started = time.monotonic()
+    with urllib.request.urlopen(app_server.url, timeout=10) as page:
+        assert page.status == 200 and b"TriplaneTurbo" in page.read()
+    assert time.monotonic() - started < 5
+    assert sum(not job.done() for job in jobs) > 0, "the crowd was over before the checks: nothing was measured"
+    meshes, busy, identical = 0, 0, []
+    for seed, job in zip(seeds, jobs):
+        try:
+            glb, info, *_ = job.result(timeout=300)
+            assert info["faces"] > 100 and Path(glb).is_file()
+            meshes += 1
+            if seed == 42:
+                identical.append((Path(glb).read_bytes(), info["cached"]))
+        except ValidationError as exc:
+            assert "busy" in str(exc) and "try again" in str(exc), str(exc)
+            busy += 1
+    assert meshes + busy == CROWD and meshes >= CROWD_QUEUE and busy > 0  # the bound, no fewer
+    # identical requests: the same mesh, made once (the others found it stored: single flight)
+    assert len(identical) == IDENTICAL and len({glb for glb, _ in identical}) == 1
+    assert sum(not cached for _, cached in identical) == 1
+    assert generate(client, prompt="after the crowd", seed=5, texture="vertex")["info"]["cached"] is False
 
 
 # ---------------------------------------------------------------------------------------------
