@@ -61,37 +61,32 @@ def wait_for_result(page, seed: int | None = None) -> str:
     return page.locator(LINK_FIELD).first.input_value()
 
 
-def mesh_coverage(page, name: str, timeout: float = 30.0) -> float:
-    """Fraction of the 3D canvas that differs from its background, once the mesh has been drawn."""
+def drawn_canvas(page, name: str, timeout: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D canvas's pixels [H, W, 3] and the mask [H, W] of those that differ from its background,
+    once more than 3% do (the mesh is drawn; the viewer swaps models asynchronously), or at the timeout."""
     from PIL import Image
 
     canvas = page.locator("#model3d canvas").first
-    deadline, coverage = time.monotonic() + timeout, 0.0
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while True:
         png = canvas.screenshot(path=str(ARTIFACTS / f"{name}-canvas.png"))
         pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
         corners = np.concatenate([pixels[:4, :4].reshape(-1, 3), pixels[-4:, -4:].reshape(-1, 3)])
-        background = np.median(corners, axis=0)
-        coverage = float((np.abs(pixels - background).max(axis=2) > 12).mean())
-        if coverage > 0.03:
-            break
+        covered = np.abs(pixels - np.median(corners, axis=0)).max(axis=2) > 12
+        if covered.mean() > 0.03 or time.monotonic() > deadline:
+            return pixels, covered
         time.sleep(0.5)
-    return coverage
 
 
-def canvas_pixels(page, name: str) -> np.ndarray:
-    from PIL import Image
-
-    png = page.locator("#model3d canvas").first.screenshot(path=str(ARTIFACTS / f"{name}-canvas.png"))
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+def mesh_coverage(page, name: str, timeout: float = 30.0) -> float:
+    """Fraction of the 3D canvas that differs from its background, once the mesh has been drawn."""
+    return float(drawn_canvas(page, name, timeout)[1].mean())
 
 
 def mesh_saturation(page, name: str) -> float:
-    """Mean HSV saturation of the canvas pixels the mesh covers: a texture that failed to load shows
-    the material's plain white (saturation ~0); the tiny model's texture is blues and greens."""
-    pixels = canvas_pixels(page, name)
-    corners = np.concatenate([pixels[:4, :4].reshape(-1, 3), pixels[-4:, -4:].reshape(-1, 3)])
-    covered = np.abs(pixels - np.median(corners, axis=0)).max(axis=2) > 12
+    """Mean HSV saturation of the canvas pixels the mesh covers, once it is drawn: a texture that failed
+    to load shows the material's plain white (saturation ~0); the tiny model's texture is blues and greens."""
+    pixels, covered = drawn_canvas(page, name)
     high, low = pixels.max(axis=2), pixels.min(axis=2)
     saturation = (high - low) / np.maximum(high, 1)
     return float(saturation[covered].mean()) if covered.any() else 0.0
