@@ -162,6 +162,55 @@ def test_many_small_triangles_in_bounded_chunks(monkeypatch):
     assert (whole[0, ..., 2][covered] <= 0.01).all()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_drawn_triangles_match_a_pixel_by_pixel_reference(seed):
+    """Overlapping triangles at varied depths and w (a few behind the camera, slivers, edges through
+    pixel centres): at every pixel, the drawn triangle is the one a per-pixel evaluation in int64
+    picks (vertices snapped to 1/16 pixel, top-left rule, screen-linear z/w in [-1, 1], the nearest
+    as float32, ties to the lower id)."""
+    rng = np.random.default_rng(seed)
+    height, width, scale = 30, 40, 16
+    # vertices on half pixels (many pixel centres fall exactly on edges: the top-left rule decides)
+    pixels = np.stack([rng.integers(-10, 2 * 45, 70) / 2, rng.integers(-10, 2 * 35, 70) / 2], 1)
+    ndc = pixels / (width, height) * 2 - 1
+    w = rng.uniform(0.5, 3.0, 70).astype(np.float32)
+    w[:3] = -1.0  # behind the camera
+    z = rng.uniform(-1.3, 1.3, 70).astype(np.float32)
+    positions = clip(ndc, z=z, w=w)
+    faces = rng.integers(0, 70, (60, 3))
+    faces[5:8, 2] = faces[5:8, 1]  # degenerate
+    drawn = rasterize(positions, torch.tensor(faces), (height, width))[0, ..., 3].long().numpy() - 1
+
+    p = positions.numpy()
+    safe_w = np.where(p[:, 3] > 0, p[:, 3], np.float32(1))
+    sx_v = np.round(((p[:, 0] / safe_w + 1) * 0.5 * width * scale)).astype(np.int64)  # float32, as the GPU
+    sy_v = np.round(((p[:, 1] / safe_w + 1) * 0.5 * height * scale)).astype(np.int64)
+    z_ndc = (p[:, 2] / safe_w).astype(np.float64)
+    rows, cols = np.indices((height, width))
+    sx, sy = scale * cols + scale // 2, scale * rows + scale // 2
+    best_depth = np.full((height, width), np.inf, np.float32)
+    expected = np.full((height, width), -1)
+    for f, (a, b, c) in enumerate(faces):  # ascending ids: a later triangle wins only if strictly nearer
+        if (p[[a, b, c], 3] <= 0).any():
+            continue
+        x, y = sx_v[[a, b, c]], sy_v[[a, b, c]]
+        area = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])
+        if area == 0:
+            continue
+        inside, edges = np.ones((height, width), bool), []
+        for k in range(3):
+            ax, ay, bx, by = x[(k + 1) % 3], y[(k + 1) % 3], x[(k + 2) % 3], y[(k + 2) % 3]
+            edge = (bx - ax) * (sy - ay) - (by - ay) * (sx - ax)
+            dx, dy = (bx - ax) * np.sign(area), (by - ay) * np.sign(area)
+            inside &= (edge * np.sign(area) > 0) | ((edge == 0) & ((dy < 0) | ((dy == 0) & (dx > 0))))
+            edges.append(edge)
+        depth = sum(e / area * z_ndc[v] for e, v in zip(edges, (a, b, c)))
+        nearer = inside & (depth >= -1) & (depth <= 1) & (depth.astype(np.float32) < best_depth)
+        best_depth[nearer], expected[nearer] = depth[nearer].astype(np.float32), f
+    assert (expected >= 0).mean() > 0.5 and len(np.unique(expected)) > 20
+    assert np.array_equal(drawn, expected)
+
+
 # -------------------------------------------------------------------------------------------------
 # rasterize_coverage: flat triangles in pixel units, as UV atlases are rasterised for baking
 # -------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def rasterize(clip_positions: torch.Tensor, faces: torch.Tensor, resolution: tup
         backend: "auto", "torch" or "nvdiffrast".
     Returns:
         rast [B, H, W, 4] float32: (u, v, z/w, triangle_id + 1); zeros where nothing is drawn.
+    Raises:
+        ValueError (torch back-end): for triangles in front of the camera with vertices that are not
+            finite, or so far outside the image (about two million pixels at 512²) that the edge
+            functions could leave float64's exact integers.
     """
     positions = clip_positions[None] if clip_positions.ndim == 2 else clip_positions
     if positions.ndim != 3 or positions.shape[-1] != 4:
@@ -133,67 +137,72 @@ def interpolate(attributes: torch.Tensor, rast: torch.Tensor, faces: torch.Tenso
 
 
 def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The torch back-end for one image: clip [V, 4], faces [F, 3] (long) -> rast [H, W, 4]."""
+    """The torch back-end for one image: clip [V, 4], faces [F, 3] (long) -> rast [H, W, 4].
+
+    Coverage is ``rasterize_coverage``'s (the covered pixels of each triangle, row by row); each
+    covered pixel's screen-linear depth decides, by one scatter-min, which triangle it shows.
+    """
     device = clip.device
     if len(faces) >= 1 << 31:
         raise ValueError(f"at most 2^31 - 1 triangles per image, got {len(faces)}")
     w = clip[:, 3]
-    # Screen positions in 1/16 pixel, as integers (nvdiffrast snaps vertices the same way).
-    scale = 1 << SUBPIXEL_BITS
     safe_w = torch.where(w > 0, w, torch.ones_like(w))
-    x = torch.round((clip[:, 0] / safe_w + 1) * 0.5 * width * scale).to(torch.int64)
-    y = torch.round((clip[:, 1] / safe_w + 1) * 0.5 * height * scale).to(torch.int64)
+    # pixel positions (float32; snapping to 1/16 pixel, a power of two, adds no rounding of its own);
+    # coverage and the depth test are not differentiable: only the weights below carry gradients
+    xy = torch.stack([(clip[:, 0] / safe_w + 1) * 0.5 * width, (clip[:, 1] / safe_w + 1) * 0.5 * height], 1).detach()
     z_ndc = clip[:, 2] / safe_w
     ndc = (clip[:, :2] / safe_w[:, None]).double()
-
-    v0, v1, v2 = faces.unbind(1)
-    x0, x1, x2, y0, y1, y2 = x[v0], x[v1], x[v2], y[v0], y[v1], y[v2]
-    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)  # twice the signed area, in (1/16 px)²
-    keep = (area != 0) & (w[v0] > 0) & (w[v1] > 0) & (w[v2] > 0)
-    # Pixel bounding boxes: pixel x covers the sample at (x + 0.5)·16 subpixels.
-    def pixel_range(lo, hi, size):
-        first = torch.div(lo - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, size)
-        last = torch.div(hi - scale // 2, scale, rounding_mode="floor").clamp(-1, size - 1)
-        return first, last
-
-    xmin, xmax = pixel_range(torch.minimum(torch.minimum(x0, x1), x2), torch.maximum(torch.maximum(x0, x1), x2), width)
-    ymin, ymax = pixel_range(torch.minimum(torch.minimum(y0, y1), y2), torch.maximum(torch.maximum(y0, y1), y2), height)
-    spans_x, spans_y = (xmax - xmin + 1).clamp(min=0), (ymax - ymin + 1).clamp(min=0)
-    keep &= (spans_x > 0) & (spans_y > 0)
-    triangles = keep.nonzero().squeeze(1)
-
+    in_front = ((w > 0)[faces].all(1)).nonzero().squeeze(1)  # triangles behind the camera are dropped
     # The winner per pixel: the smallest (depth, triangle id), packed in one int64 so that one
     # scatter-min decides the depth test and breaks exact ties by the lower id.
     best = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-    pairs = (spans_x * spans_y)[triangles]
-    for chunk in _chunks(triangles, pairs, PAIRS_PER_CHUNK):
-        tri, px, py = _candidate_pixels(chunk, xmin, ymin, spans_x, spans_y)
-        sx, sy = px * scale + scale // 2, py * scale + scale // 2
-        inside, b0, b1, b2 = _edge_weights(sx, sy, x[v0[tri]], y[v0[tri]], x[v1[tri]], y[v1[tri]],
-                                           x[v2[tri]], y[v2[tri]], area[tri])
-        tri, px, py, b0, b1, b2 = tri[inside], px[inside], py[inside], b0[inside], b1[inside], b2[inside]
-        depth = b0 * z_ndc[v0[tri]] + b1 * z_ndc[v1[tri]] + b2 * z_ndc[v2[tri]]  # screen-linear z/w
+    scale = 1 << SUBPIXEL_BITS
+    # per triangle and corner, the snapped position (1/16 pixel: the vertices _covered_pixels
+    # rasterises) and z/w, as contiguous float64 columns [F] to gather from
+    snapped = torch.round(xy.double() * scale)
+    corner = lambda values, k: values.index_select(0, faces[:, k]).contiguous()  # noqa: E731
+    x0, x1, x2 = (corner(snapped[:, 0], k) for k in range(3))
+    y0, y1, y2 = (corner(snapped[:, 1], k) for k in range(3))
+    z0, z1, z2 = (corner(z_ndc.detach().double(), k) for k in range(3))
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)  # twice the signed area, an exact integer
+    for tri, pixel, _ in _covered_pixels(xy, faces[in_front], height, width, SUBPIXEL_BITS):
+        tri = in_front.index_select(0, tri)
+        sx = (pixel % width).double() * scale + scale // 2
+        sy = torch.div(pixel, width, rounding_mode="floor").double() * scale + scale // 2
+        take = lambda column: column.index_select(0, tri)  # noqa: E731
+        # screen-space weights of the snapped triangle: edge functions (exact integers in float64,
+        # within _covered_pixels's bound) over twice the area; the third weight's edge function is
+        # the area less the other two
+        a, e0 = take(area), _edge(take(x1), take(y1), take(x2), take(y2), sx, sy)
+        e1 = _edge(take(x2), take(y2), take(x0), take(y0), sx, sy)
+        depth = e0 / a * take(z0) + e1 / a * take(z1) + (a - e0 - e1) / a * take(z2)  # screen-linear z/w
         visible = (depth >= -1) & (depth <= 1)
         key = (_sortable(depth[visible]) << 31) | tri[visible]
-        best.scatter_reduce_(0, py[visible] * width + px[visible], key, reduce="amin")
+        best.scatter_reduce_(0, pixel[visible], key, reduce="amin")
 
     rast = torch.zeros(height * width, 4, device=device)
     drawn = (best != torch.iinfo(torch.int64).max).nonzero().squeeze(1)
     if len(drawn):
         tri = best[drawn] & ((1 << 31) - 1)
+        v0, v1, v2 = faces[tri].unbind(1)
         px, py = drawn % width, torch.div(drawn, width, rounding_mode="floor")
         # Coverage used the snapped vertices; the weights, as nvdiffrast's, use the exact ones.
         b0, b1, b2 = _screen_weights((px.double() + 0.5) / width * 2 - 1, (py.double() + 0.5) / height * 2 - 1,
-                                     ndc[v0[tri]], ndc[v1[tri]], ndc[v2[tri]])
-        depth = b0 * z_ndc[v0[tri]] + b1 * z_ndc[v1[tri]] + b2 * z_ndc[v2[tri]]
+                                     ndc[v0], ndc[v1], ndc[v2])
+        depth = b0 * z_ndc[v0] + b1 * z_ndc[v1] + b2 * z_ndc[v2]
         # perspective-correct weights: screen weights over w, renormalised
-        p0, p1, p2 = b0 / w[v0[tri]].double(), b1 / w[v1[tri]].double(), b2 / w[v2[tri]].double()
+        p0, p1, p2 = b0 / w[v0].double(), b1 / w[v1].double(), b2 / w[v2].double()
         total = p0 + p1 + p2
         rast[drawn, 0] = (p0 / total).clamp(0, 1).float()
         rast[drawn, 1] = (p1 / total).clamp(0, 1).float()
         rast[drawn, 2] = depth.float()
         rast[drawn, 3] = (tri + 1).float()
     return rast.reshape(height, width, 4)
+
+
+def _edge(ax, ay, bx, by, sx, sy):
+    """The edge function of the edge from a to b at samples s (all [N]): positive on its left."""
+    return (bx - ax) * (sy - ay) - (by - ay) * (sx - ax)
 
 
 def rasterize_coverage(xy: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], counted: str = "all",
@@ -333,38 +342,6 @@ def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):
         yield triangles[start:stop]
         offset = int(ends[stop - 1])
         start = stop
-
-
-def _candidate_pixels(triangles, xmin, ymin, spans_x, spans_y):
-    """Every pixel of each triangle's bounding box: (triangle, x, y), flattened."""
-    counts = spans_x[triangles] * spans_y[triangles]
-    tri = torch.repeat_interleave(triangles, counts)
-    starts = torch.cumsum(counts, 0) - counts
-    local = torch.arange(int(counts.sum()), device=triangles.device) - torch.repeat_interleave(starts, counts)
-    width = spans_x[tri]
-    return tri, xmin[tri] + local % width, ymin[tri] + torch.div(local, width, rounding_mode="floor")
-
-
-def _edge_weights(sx, sy, x0, y0, x1, y1, x2, y2, area):
-    """Coverage with the top-left rule and screen-space barycentrics of samples (sx, sy).
-
-    All coordinates are integers in 1/16 pixel, so the edge functions are exact (int64). Returns
-    (inside, b0, b1, b2) with float64 weights of vertices 0, 1, 2.
-    """
-    sign = torch.sign(area)
-    # e_i: edge opposite vertex i, oriented so that the interior is positive for either winding.
-    e0 = ((x2 - x1) * (sy - y1) - (y2 - y1) * (sx - x1)) * sign
-    e1 = ((x0 - x2) * (sy - y2) - (y0 - y2) * (sx - x2)) * sign
-    e2 = ((x1 - x0) * (sy - y0) - (y1 - y0) * (sx - x0)) * sign
-    inside = torch.ones_like(e0, dtype=torch.bool)
-    for e, (ax, ay, bx, by) in ((e0, (x1, y1, x2, y2)), (e1, (x2, y2, x0, y0)), (e2, (x0, y0, x1, y1))):
-        dx, dy = (bx - ax) * sign, (by - ay) * sign
-        # A sample on the edge counts only for "top" or "left" edges (with y up): exactly one of
-        # two triangles sharing the edge sees it as such.
-        top_left = (dy < 0) | ((dy == 0) & (dx > 0))
-        inside &= (e > 0) | ((e == 0) & top_left)
-    total = (area * sign).double()
-    return inside, e0.double() / total, e1.double() / total, e2.double() / total
 
 
 def _screen_weights(px, py, a, b, c):
