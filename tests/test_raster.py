@@ -164,8 +164,8 @@ def test_many_small_triangles_in_bounded_chunks(monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_drawn_triangles_match_a_pixel_by_pixel_reference(seed):
-    """Overlapping triangles at varied depths and w (a few behind the camera, slivers, edges through
-    pixel centres): at every pixel, the drawn triangle is the one a per-pixel evaluation in int64
+    """Overlapping triangles at varied depths and w (a few behind the camera, a few reaching millions
+    of pixels out, slivers, edges through pixel centres): at every pixel, the drawn triangle is the one a per-pixel evaluation in int64
     picks (vertices snapped to 1/16 pixel, top-left rule, screen-linear z/w in [-1, 1], the nearest
     as float32, ties to the lower id)."""
     rng = np.random.default_rng(seed)
@@ -173,6 +173,7 @@ def test_the_drawn_triangles_match_a_pixel_by_pixel_reference(seed):
     # vertices on half pixels (many pixel centres fall exactly on edges: the top-left rule decides)
     pixels = np.stack([rng.integers(-10, 2 * 45, 70) / 2, rng.integers(-10, 2 * 35, 70) / 2], 1)
     ndc = pixels / (width, height) * 2 - 1
+    ndc[60:64] *= 3e5  # millions of pixels out (a vertex near the camera plane): tested in int64, not in spans
     w = rng.uniform(0.5, 3.0, 70).astype(np.float32)
     w[:3] = -1.0  # behind the camera
     z = rng.uniform(-1.3, 1.3, 70).astype(np.float32)

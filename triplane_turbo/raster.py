@@ -32,6 +32,7 @@ semantics (pytorch3d's rasteriser has other conventions and no wheels for curren
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 
@@ -89,9 +90,10 @@ def rasterize(clip_positions: torch.Tensor, faces: torch.Tensor, resolution: tup
     Returns:
         rast [B, H, W, 4] float32: (u, v, z/w, triangle_id + 1); zeros where nothing is drawn.
     Raises:
-        ValueError (torch back-end): for triangles in front of the camera with vertices that are not
-            finite, or so far outside the image (about two million pixels at 512²) that the edge
-            functions could leave float64's exact integers.
+        ValueError (torch back-end): for a triangle in front of the camera that reaches more than
+            about 60 million pixels outside the image (a vertex almost on the camera plane), beyond
+            which its edge functions would leave int64. Triangles with vertices that are not finite
+            draw nothing.
     """
     positions = clip_positions[None] if clip_positions.ndim == 2 else clip_positions
     if positions.ndim != 3 or positions.shape[-1] != 4:
@@ -152,7 +154,6 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
     xy = torch.stack([(clip[:, 0] / safe_w + 1) * 0.5 * width, (clip[:, 1] / safe_w + 1) * 0.5 * height], 1).detach()
     z_ndc = clip[:, 2] / safe_w
     ndc = (clip[:, :2] / safe_w[:, None]).double()
-    in_front = ((w > 0)[faces].all(1)).nonzero().squeeze(1)  # triangles behind the camera are dropped
     # The winner per pixel: the smallest (depth, triangle id), packed in one int64 so that one
     # scatter-min decides the depth test and breaks exact ties by the lower id.
     best = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
@@ -165,17 +166,42 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
     y0, y1, y2 = (corner(snapped[:, 1], k) for k in range(3))
     z0, z1, z2 = (corner(z_ndc.detach().double(), k) for k in range(3))
     area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)  # twice the signed area, an exact integer
-    for tri, pixel, _ in _covered_pixels(xy, faces[in_front], height, width, SUBPIXEL_BITS):
-        tri = in_front.index_select(0, tri)
-        sx = (pixel % width).double() * scale + scale // 2
-        sy = torch.div(pixel, width, rounding_mode="floor").double() * scale + scale // 2
+    # Triangles that can draw nothing are left out first: behind the camera (dropped, see the module
+    # docstring), not finite, wholly nearer or farther than the depth range (the depth at a pixel is a
+    # blend of the corners' z/w with weights in [0, 1]), or wholly beside the image.
+    low = lambda a, b, c: torch.minimum(torch.minimum(a, b), c)  # noqa: E731
+    high = lambda a, b, c: torch.maximum(torch.maximum(a, b), c)  # noqa: E731
+    edge_of_image = lambda size: (size - 1) * scale + scale // 2  # noqa: E731  the last pixel centre
+    drawable = (w > 0)[faces].all(1) & torch.isfinite(area) & (high(z0, z1, z2) >= -1) & (low(z0, z1, z2) <= 1) \
+        & (high(x0, x1, x2) >= scale // 2) & (low(x0, x1, x2) <= edge_of_image(width)) \
+        & (high(y0, y1, y2) >= scale // 2) & (low(y0, y1, y2) <= edge_of_image(height))
+    # The scanline spans are exact in float64 up to a bound on the coordinates (_covered_pixels);
+    # a vertex just in front of the camera plane can lie far beyond it: those few triangles are
+    # tested pixel by pixel over their bounding box in int64 instead.
+    reach = torch.maximum(high(x0.abs(), x1.abs(), x2.abs()), high(y0.abs(), y1.abs(), y2.abs())) + 1 + scale
+    spans_exact = 4 * reach * reach + 2 * reach * scale * max(height, width) < 2.0 ** 52
+    near, far = (drawable & spans_exact).nonzero().squeeze(1), (drawable & ~spans_exact).nonzero().squeeze(1)
+    columns = (x0, y0, x1, y1, x2, y2)
+    covered = [((near.index_select(0, tri), pixel, columns) for tri, pixel, _ in
+                _covered_pixels(xy, faces[near], height, width, SUBPIXEL_BITS))]
+    if len(far):  # their edge functions in int64: float64 would round them
+        exact = tuple(c.long() for c in columns)
+        corners = torch.stack([torch.stack(exact[0::2], 1), torch.stack(exact[1::2], 1)], 2)[far]  # [T, 3, 2]
+        covered.append(((far.index_select(0, tri), pixel, exact) for tri, pixel in
+                        _bounding_box_pixels(corners, height, width, scale)))
+    for tri, pixel, exact_columns in itertools.chain(*covered):
+        # screen-space weights of the snapped triangle: its edge functions at the pixel centre
+        # (exact integers, in float64 within _covered_pixels's bound, else in int64) over twice its
+        # area; the third edge function is the area less the other two
+        ax, ay, bx, by, cx, cy = (c.index_select(0, tri) for c in exact_columns)
+        sx = (pixel % width).to(ax.dtype) * scale + scale // 2
+        sy = torch.div(pixel, width, rounding_mode="floor").to(ax.dtype) * scale + scale // 2
+        e0, e1 = _edge(bx, by, cx, cy, sx, sy), _edge(cx, cy, ax, ay, sx, sy)
+        a = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+        e2 = a - e0 - e1
+        a, e0, e1, e2 = a.double(), e0.double(), e1.double(), e2.double()
         take = lambda column: column.index_select(0, tri)  # noqa: E731
-        # screen-space weights of the snapped triangle: edge functions (exact integers in float64,
-        # within _covered_pixels's bound) over twice the area; the third weight's edge function is
-        # the area less the other two
-        a, e0 = take(area), _edge(take(x1), take(y1), take(x2), take(y2), sx, sy)
-        e1 = _edge(take(x2), take(y2), take(x0), take(y0), sx, sy)
-        depth = e0 / a * take(z0) + e1 / a * take(z1) + (a - e0 - e1) / a * take(z2)  # screen-linear z/w
+        depth = e0 / a * take(z0) + e1 / a * take(z1) + e2 / a * take(z2)  # screen-linear z/w
         visible = (depth >= -1) & (depth <= 1)
         key = (_sortable(depth[visible]) << 31) | tri[visible]
         best.scatter_reduce_(0, pixel[visible], key, reduce="amin")
@@ -198,6 +224,40 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
         rast[drawn, 2] = depth.float()
         rast[drawn, 3] = (tri + 1).float()
     return rast.reshape(height, width, 4)
+
+
+def _bounding_box_pixels(corners: torch.Tensor, height: int, width: int, scale: int):
+    """Yields (triangle [N], pixel [N]) for the covered pixel centres of triangles whose snapped
+    corners [T, 3, 2] (int64, 1/scale pixel) are too far out for ``_covered_pixels``: every pixel of
+    each bounding box (clamped to the image) is tested with int64 edge functions and the top-left
+    rule, the same test. Exact while |coordinate| < 2^30 (about 67 million pixels at 1/16)."""
+    if int(corners.abs().max()) >= 1 << 30:
+        raise ValueError("a triangle in front of the camera reaches more than 60 million pixels outside the image; "
+                         "move the near plane away from the camera")
+    x, y = corners[..., 0], corners[..., 1]
+    first = lambda low: torch.div(low - scale // 2 + scale - 1, scale, rounding_mode="floor")  # noqa: E731
+    last = lambda high: torch.div(high - scale // 2, scale, rounding_mode="floor")  # noqa: E731
+    xmin, xmax = first(x.min(1).values).clamp(0, width), last(x.max(1).values).clamp(-1, width - 1)
+    ymin, ymax = first(y.min(1).values).clamp(0, height), last(y.max(1).values).clamp(-1, height - 1)
+    spans_x, spans_y = (xmax - xmin + 1).clamp(min=0), (ymax - ymin + 1).clamp(min=0)
+    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
+    sign = torch.sign(area)
+    triangles = ((area != 0) & (spans_x > 0) & (spans_y > 0)).nonzero().squeeze(1)
+    for chunk in _chunks(triangles, (spans_x * spans_y)[triangles], PAIRS_PER_CHUNK):
+        counts = (spans_x * spans_y)[chunk]
+        tri = torch.repeat_interleave(chunk, counts)
+        local = torch.arange(len(tri), device=tri.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                    counts)
+        px = xmin[tri] + local % spans_x[tri]
+        py = ymin[tri] + torch.div(local, spans_x[tri], rounding_mode="floor")
+        sx, sy = px * scale + scale // 2, py * scale + scale // 2
+        inside = torch.ones_like(tri, dtype=torch.bool)
+        for k in range(3):  # the edge from corner k+1 to corner k+2, interior positive for either winding
+            ax, ay, bx, by = x[tri, (k + 1) % 3], y[tri, (k + 1) % 3], x[tri, (k + 2) % 3], y[tri, (k + 2) % 3]
+            dx, dy = (bx - ax) * sign[tri], (by - ay) * sign[tri]
+            edge = dx * (sy - ay) - dy * (sx - ax)
+            inside &= (edge > 0) | ((edge == 0) & ((dy < 0) | ((dy == 0) & (dx > 0))))  # top-left rule
+        yield tri[inside], (py * width + px)[inside]
 
 
 def _edge(ax, ay, bx, by, sx, sy):
