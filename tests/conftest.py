@@ -10,6 +10,7 @@ if "GRADIO_TEMP_DIR" not in os.environ:  # before gradio is: it makes folders th
     os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="triplane-turbo-tests-gradio-")
     atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or analytics calls from the tests
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest-xdist's workers share the cores (set before torch loads)
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -96,7 +97,7 @@ class AppServer:
     url: str
     output_dir: Path  # TRIPLANE_TURBO_OUTPUT_DIR
     workdir: Path  # the server's current directory: must stay empty (slow_app: an empty folder, unused)
-    tmpdir: Path  # its TMPDIR and GRADIO_TEMP_DIR live here
+    tmpdir: Path  # its TMPDIR and GRADIO_TEMP_DIR live here (slow_app: a folder for the test's downloads)
     log: Path
     max_bytes: int
     texture_size: int = APP_TEXTURE_SIZE
@@ -174,6 +175,7 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
     import app
     from triplane_turbo import WeightsNotAvailableError, tiny
     from triplane_turbo.mesher import TriplaneMesher
+    from gradio.data_classes import _StaticFiles
     from triplane_turbo.web import make_loader
 
     root = tmp_path_factory.mktemp(name)
@@ -205,6 +207,8 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tiny, "tiny_pipeline", held_tiny_pipeline)
         patch.setattr(TriplaneMesher, "bake_textures", held_bake_textures)
+        # build_demo allows its output folder in gradio's global static paths: undone with the rest
+        patch.setattr(_StaticFiles, "all_paths", list(_StaticFiles.all_paths))
         logger.addHandler(log_handler)
         logger.setLevel(logging.INFO)
         try:

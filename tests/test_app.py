@@ -336,35 +336,39 @@ def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(app_server, tmp
                              texture="vertex", api_name="/generate")
 
     jobs = [submit(seed) for seed in seeds[:IDENTICAL]]
-    time.sleep(0.5)  # let in before the rest
-    jobs += [submit(seed) for seed in seeds[IDENTICAL:]]
-    time.sleep(1.0)  # the crowd is queued or being answered
-    assert sum(not job.done() for job in jobs) > 0
-    started = time.monotonic()
-    again = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
-    assert time.monotonic() - started < 5 and again["info"]["cached"] is True
-    assert Path(again["glb"]).read_bytes() == Path(stored["glb"]).read_bytes()
-    started = time.monotonic()
-    with urllib.request.urlopen(app_server.url, timeout=10) as page:
-        assert page.status == 200 and b"TriplaneTurbo" in page.read()
-    assert time.monotonic() - started < 5
-    assert sum(not job.done() for job in jobs) > 0, "the crowd was over before the checks: nothing was measured"
-    meshes, busy, identical = 0, 0, []
-    for seed, job in zip(seeds, jobs):
-        try:
-            glb, info, *_ = job.result(timeout=300)
-            assert info["faces"] > 100 and Path(glb).is_file()
-            meshes += 1
-            if seed == 42:
-                identical.append((Path(glb).read_bytes(), info["cached"]))
-        except ValidationError as exc:
-            assert "busy" in str(exc) and "try again" in str(exc), str(exc)
-            busy += 1
-    assert meshes + busy == CROWD and meshes >= CROWD_QUEUE and busy > 0  # the bound, no fewer
-    # identical requests: the same mesh, made once (the others found it stored: single flight)
-    assert len(identical) == IDENTICAL and len({glb for glb, _ in identical}) == 1
-    assert sum(not cached for _, cached in identical) == 1
-    assert generate(client, prompt="after the crowd", seed=5, texture="vertex")["info"]["cached"] is False
+    try:
+        time.sleep(0.5)  # let in before the rest
+        jobs += [submit(seed) for seed in seeds[IDENTICAL:]]
+        time.sleep(1.0)  # the crowd is queued or being answered
+        assert sum(not job.done() for job in jobs) > 0
+        started = time.monotonic()
+        again = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
+        assert time.monotonic() - started < 5 and again["info"]["cached"] is True
+        assert Path(again["glb"]).read_bytes() == Path(stored["glb"]).read_bytes()
+        started = time.monotonic()
+        with urllib.request.urlopen(app_server.url, timeout=10) as page:
+            assert page.status == 200 and b"TriplaneTurbo" in page.read()
+        assert time.monotonic() - started < 5
+        assert sum(not job.done() for job in jobs) > 0, "the crowd was over before the checks: nothing was measured"
+        meshes, busy, identical = 0, 0, []
+        for seed, job in zip(seeds, jobs):
+            try:
+                glb, info, *_ = job.result(timeout=300)
+                assert info["faces"] > 100 and Path(glb).is_file()
+                meshes += 1
+                if seed == 42:
+                    identical.append((Path(glb).read_bytes(), info["cached"]))
+            except ValidationError as exc:
+                assert "busy" in str(exc) and "try again" in str(exc), str(exc)
+                busy += 1
+        assert meshes + busy == CROWD and meshes >= CROWD_QUEUE and busy > 0  # the bound, no fewer
+        # identical requests: the same mesh, made once (the others found it stored: single flight)
+        assert len(identical) == IDENTICAL and len({glb for glb, _ in identical}) == 1
+        assert sum(not cached for _, cached in identical) == 1
+        assert generate(client, prompt="after the crowd", seed=5, texture="vertex")["info"]["cached"] is False
+    finally:  # the server is shared: nothing of the crowd is left running for the next test
+        for job in jobs:
+            job.cancel()
 
 
 # ---------------------------------------------------------------------------------------------

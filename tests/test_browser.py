@@ -266,7 +266,14 @@ def test_the_vertex_coloured_mesh_is_drawn_while_the_texture_bakes(tmp_path_fact
         assert coverage > 0.03, f"while baking, the 3D view shows {coverage:.1%} non-background pixels"
         release(server, "bake")
         wait_for_result(page)
-        assert mesh_saturation(page, "first-look-final") > 0.2  # then the textured mesh
+        # then the textured mesh: the viewer holds the result's GLB (not the first look's), and every
+        # frame drawn over the next two seconds is coloured (a texture that failed to load shows
+        # white; the first look and the textured mesh look alike, so one frame could be either)
+        final_glb = re.compile(r"/triplaneturbo-[0-9a-f]{12}\.glb$")  # the first look's ends in -preview.glb
+        expect(page.locator("#model3d a").first).to_have_attribute("href", final_glb)
+        for frame in range(4):
+            assert mesh_saturation(page, "first-look-final") > 0.2, frame
+            time.sleep(0.5)
 
 
 def save_readme_screenshot(source: Path, limit: int = 500_000) -> None:

@@ -173,8 +173,9 @@ def test_the_commands_run_from_a_folder_outside_the_checkout(tmp_path):
     (home / "prompts.txt").write_text("a chair\n", encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    where = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec("
-                            "'triplane_turbo').origin)"], cwd=home, env=env, capture_output=True, text=True)
+    where = subprocess.run([sys.executable, "-c", "import importlib.util; spec = importlib.util.find_spec("
+                            "'triplane_turbo'); print(spec and spec.origin)"], cwd=home, env=env, capture_output=True,
+                           text=True)
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip() != "None", "the package is not installed: the README's installs put it on the path (-e .)"
     assert Path(where.stdout.strip()).resolve().parent.parent == REPO.resolve(), \

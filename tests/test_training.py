@@ -527,7 +527,7 @@ def test_a_run_exports_an_adapter_that_loads_and_resuming_continues(recipe, tmp_
     assert code == 0, err
     run = tmp_path / "run"
     assert {"adapter.pth", "log.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
-    saved = {3: ["checkpoint_0", "checkpoint_1"], 1: ["checkpoint_0"]}[steps]  # at steps 2 and 3 (the last)
+    saved = {3: ["checkpoint_0", "checkpoint_1"], 1: ["checkpoint_0"]}[steps]  # every 2nd step, and the last
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
     assert [(r["iteration"], r["step"], r["schedule_step"]) for r in log_records(run) if "seconds" in r] == \
         [(1, 1, 15000), (2, 2, 15001), (3, 3, 15002)][:steps]  # fine-tuning: the schedules start where the authors' run ended
