@@ -1,4 +1,4 @@
-"""The torch rasteriser: nvdiffrast's conventions, pixel by pixel.
+"""The torch rasteriser (raster) and flat-triangle coverage (coverage): nvdiffrast's conventions, pixel by pixel.
 
 (The nvdiffrast back-end is compared with this one in tests/test_cuda.py, on a GPU.)
 """
@@ -148,14 +148,14 @@ def test_batches_empty_meshes_and_bad_input():
 
 def test_many_small_triangles_in_bounded_chunks(monkeypatch):
     """The candidate pairs are processed in chunks; a tiny chunk limit changes nothing."""
-    from triplane_turbo import raster
+    from triplane_turbo import coverage
 
     sphere = trimesh.creation.icosphere(subdivisions=3)
     vertices = torch.tensor(sphere.vertices, dtype=torch.float32) * 0.9
     positions = torch.cat([vertices[:, :2], vertices[:, 2:] * 0.5, torch.ones(len(vertices), 1)], 1)
     faces = torch.tensor(sphere.faces)
     whole = rasterize(positions, faces, (96, 96))
-    monkeypatch.setattr(raster, "PAIRS_PER_CHUNK", 97)
+    monkeypatch.setattr(coverage, "PAIRS_PER_CHUNK", 97)
     assert torch.equal(rasterize(positions, faces, (96, 96)), whole)
     # the front-most surface is drawn: z/w is the smaller of the two sphere depths
     covered = whole[0, ..., 3] > 0
@@ -224,8 +224,8 @@ def pixel_xy(clip_xy, size):
 def test_coverage_owner_and_count_match_rasterize(seed, monkeypatch):
     """Random overlapping triangles (and slivers) at one depth: the owner is the lowest id that
     ``rasterize`` draws, and the count is how many triangles cover each pixel, drawn one by one."""
-    from triplane_turbo import raster
-    from triplane_turbo.raster import rasterize_coverage
+    from triplane_turbo import coverage
+    from triplane_turbo.coverage import rasterize_coverage
 
     rng = np.random.default_rng(seed)
     points = rng.uniform(-1.1, 1.1, (60, 2))
@@ -239,7 +239,7 @@ def test_coverage_owner_and_count_match_rasterize(seed, monkeypatch):
     assert torch.equal(owner, expected)
     one_by_one = sum((rasterize(clip(clip_xy), faces[i:i + 1], size)[0, ..., 3] > 0).int() for i in range(len(faces)))
     assert torch.equal(count, one_by_one) and int(count.max()) >= 3
-    monkeypatch.setattr(raster, "PAIRS_PER_CHUNK", 5)  # chunking changes nothing
+    monkeypatch.setattr(coverage, "PAIRS_PER_CHUNK", 5)  # chunking changes nothing
     assert all(torch.equal(a, b) for a, b in zip(rasterize_coverage(xy, faces, size), (owner, count)))
 
 
@@ -251,7 +251,7 @@ def test_coverage_is_exact_at_the_largest_coordinates(seed, far):
     edge functions reach 2^51 (the refusal starts near 32,700 pixels): the coverage equals each
     pixel's edge functions evaluated one by one in int64. Coordinates beyond the exact range, or not
     finite, are refused; a vertex no face uses does not count."""
-    from triplane_turbo.raster import rasterize_coverage
+    from triplane_turbo.coverage import rasterize_coverage
 
     rng = np.random.default_rng(seed)
     height, bits = 24, 10
@@ -300,7 +300,7 @@ def test_coverage_is_exact_at_the_largest_coordinates(seed, far):
 
 
 def test_coverage_of_a_closed_fan_is_exactly_one():
-    from triplane_turbo.raster import rasterize_coverage
+    from triplane_turbo.coverage import rasterize_coverage
 
     size = 32
     ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 13)[:-1]), np.sin(np.linspace(0, 2 * np.pi, 13)[:-1])], 1)
@@ -314,7 +314,7 @@ def test_coverage_of_a_closed_fan_is_exactly_one():
 def test_coverage_snapping_and_winding():
     """Two vertices a twentieth of a pixel apart: on the 1/16 grid the sliver between them flips and
     its neighbours overlap by a pixel; on the 1/256 grid nothing does."""
-    from triplane_turbo.raster import rasterize_coverage, triangles_covering
+    from triplane_turbo.coverage import rasterize_coverage, triangles_covering
 
     # three triangles of a marching-cubes mesh in a box-projected atlas (texels 80-96, 220-236 of 1024²)
     xy = torch.tensor([[8.5561676, 6.92593384], [9.39015961, 4.84587097], [12.41894531, 12.01960754],

@@ -11,7 +11,7 @@ import trimesh
 
 from triplane_turbo.export import export_mesh, to_display_frame
 from triplane_turbo.isosurface import simplify
-from triplane_turbo.raster import rasterize_coverage
+from triplane_turbo.coverage import rasterize_coverage
 from triplane_turbo.tangents import mikktspace
 from triplane_turbo.texels import atlas_owner, texel_layout, texel_samples
 from triplane_turbo.texture import bake_texture, sdf_normals, triangle_atlas, unwrap, vertex_colors

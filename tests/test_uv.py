@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from triplane_turbo.raster import rasterize_coverage
+from triplane_turbo.coverage import rasterize_coverage
 from triplane_turbo.texels import atlas_owner
 from triplane_turbo.uv import DIRECTIONS, MAX_PROJECTION_ANGLE, atlas_pixels, box_unwrap
 

@@ -1,6 +1,7 @@
 """Triangle rasterisation with nvdiffrast's semantics: nvdiffrast on CUDA when installed, torch elsewhere.
 
-One small interface, two back-ends that compute the same thing:
+One small interface, two back-ends that compute the same thing (the torch one finds each triangle's
+covered pixels with ``coverage``, which also rasterises flat triangles for UV atlases):
 
 * ``rasterize(clip_positions, faces, (H, W))`` -> ``rast`` [B, H, W, 4] holding, per pixel,
   ``(u, v, z/w, triangle_id + 1)``; all zeros where no triangle covers the pixel. ``u`` is the
@@ -8,10 +9,6 @@ One small interface, two back-ends that compute the same thing:
   ``1 - u - v`` that of ``faces[t, 2]``.
 * ``interpolate(attributes, rast, faces)`` -> [B, H, W, C], the attributes blended with those weights
   (zero where nothing was drawn).
-* ``rasterize_coverage(xy, faces, (H, W))`` -> (owner [H, W], count [H, W]): flat triangles in pixel
-  coordinates, no depth; which triangle covers each pixel centre and how many do (a UV atlas
-  rasterised for texture baking, where a count above one means overlapping charts). Same coverage
-  rules as ``rasterize``; torch only, on any device.
 
 Conventions (nvdiffrast's): pixel (column x, row y) samples clip coordinates
 ``(2(x + 0.5)/W − 1, 2(y + 0.5)/H − 1)``, so **row 0 is the bottom** (clip y = −1) — flip rows to get
@@ -34,16 +31,13 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 
 import torch
 
+from .coverage import SUBPIXEL_BITS, bounding_box_pixels, covered_pixels, spans_exact
+
 logger = logging.getLogger(__name__)
 
-#: Sub-pixel precision of the vertex snapping, as nvdiffrast's CUDA rasteriser (4 bits).
-SUBPIXEL_BITS = 4
-#: Candidate (triangle, pixel) pairs examined at once by the torch back-end (bounds its memory).
-PAIRS_PER_CHUNK = 1 << 22
 BACKENDS = ("auto", "torch", "nvdiffrast")
 
 
@@ -158,7 +152,7 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
     # scatter-min decides the depth test and breaks exact ties by the lower id.
     best = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     scale = 1 << SUBPIXEL_BITS
-    # per triangle and corner, the snapped position (1/16 pixel: the vertices _covered_pixels
+    # per triangle and corner, the snapped position (1/16 pixel: the vertices covered_pixels
     # rasterises) and z/w, as contiguous float64 columns [F] to gather from
     snapped = torch.round(xy.double() * scale)
     corner = lambda values, k: values.index_select(0, faces[:, k]).contiguous()  # noqa: E731
@@ -175,29 +169,28 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
     drawable = (w > 0)[faces].all(1) & torch.isfinite(area) & (high(z0, z1, z2) >= -1) & (low(z0, z1, z2) <= 1) \
         & (high(x0, x1, x2) >= scale // 2) & (low(x0, x1, x2) <= edge_of_image(width)) \
         & (high(y0, y1, y2) >= scale // 2) & (low(y0, y1, y2) <= edge_of_image(height))
-    # The scanline spans are exact in float64 up to a bound on the coordinates (_covered_pixels);
-    # a vertex just in front of the camera plane can lie far beyond it: those few triangles are
-    # tested pixel by pixel over their bounding box in int64 instead.
+    # The scanline spans are exact in float64 up to a bound on the coordinates; a vertex just in front
+    # of the camera plane can lie far beyond it: those few triangles are tested pixel by pixel over
+    # their bounding box, with their edge functions in int64 (float64 would round them).
     reach = torch.maximum(high(x0.abs(), x1.abs(), x2.abs()), high(y0.abs(), y1.abs(), y2.abs())) + 1 + scale
-    spans_exact = 4 * reach * reach + 2 * reach * scale * max(height, width) < 2.0 ** 52
-    near, far = (drawable & spans_exact).nonzero().squeeze(1), (drawable & ~spans_exact).nonzero().squeeze(1)
-    columns = (x0, y0, x1, y1, x2, y2)
+    in_spans = spans_exact(reach, scale, max(height, width))
+    near, far = (drawable & in_spans).nonzero().squeeze(1), (drawable & ~in_spans).nonzero().squeeze(1)
+    columns = (x0, y0, x1, y1, x2, y2, area)  # corners and twice the area, per triangle
     covered = [((near.index_select(0, tri), pixel, columns) for tri, pixel, _ in
-                _covered_pixels(xy, faces[near], height, width, SUBPIXEL_BITS))]
-    if len(far):  # their edge functions in int64: float64 would round them
+                covered_pixels(xy, faces[near], height, width, SUBPIXEL_BITS))]
+    if len(far):
         exact = tuple(c.long() for c in columns)
-        corners = torch.stack([torch.stack(exact[0::2], 1), torch.stack(exact[1::2], 1)], 2)[far]  # [T, 3, 2]
+        corners = torch.stack([torch.stack(exact[0:6:2], 1), torch.stack(exact[1:6:2], 1)], 2)[far]  # [T, 3, 2]
         covered.append(((far.index_select(0, tri), pixel, exact) for tri, pixel in
-                        _bounding_box_pixels(corners, height, width, scale)))
+                        bounding_box_pixels(corners, height, width, scale)))
     for tri, pixel, exact_columns in itertools.chain(*covered):
-        # screen-space weights of the snapped triangle: its edge functions at the pixel centre
-        # (exact integers, in float64 within _covered_pixels's bound, else in int64) over twice its
-        # area; the third edge function is the area less the other two
-        ax, ay, bx, by, cx, cy = (c.index_select(0, tri) for c in exact_columns)
+        # screen-space weights of the snapped triangle: its edge functions at the pixel centre (exact
+        # integers, in float64 or int64 as above) over twice its area; the third edge function is the
+        # area less the other two
+        ax, ay, bx, by, cx, cy, a = (c.index_select(0, tri) for c in exact_columns)
         sx = (pixel % width).to(ax.dtype) * scale + scale // 2
         sy = torch.div(pixel, width, rounding_mode="floor").to(ax.dtype) * scale + scale // 2
         e0, e1 = _edge(bx, by, cx, cy, sx, sy), _edge(cx, cy, ax, ay, sx, sy)
-        a = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
         e2 = a - e0 - e1
         a, e0, e1, e2 = a.double(), e0.double(), e1.double(), e2.double()
         take = lambda column: column.index_select(0, tri)  # noqa: E731
@@ -226,182 +219,9 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
     return rast.reshape(height, width, 4)
 
 
-def _bounding_box_pixels(corners: torch.Tensor, height: int, width: int, scale: int):
-    """Yields (triangle [N], pixel [N]) for the covered pixel centres of triangles whose snapped
-    corners [T, 3, 2] (int64, 1/scale pixel) are too far out for ``_covered_pixels``: every pixel of
-    each bounding box (clamped to the image) is tested with int64 edge functions and the top-left
-    rule, the same test. Exact while |coordinate| < 2^30 (about 67 million pixels at 1/16)."""
-    if int(corners.abs().max()) >= 1 << 30:
-        raise ValueError("a triangle in front of the camera reaches more than 60 million pixels outside the image; "
-                         "move the near plane away from the camera")
-    x, y = corners[..., 0], corners[..., 1]
-    first = lambda low: torch.div(low - scale // 2 + scale - 1, scale, rounding_mode="floor")  # noqa: E731
-    last = lambda high: torch.div(high - scale // 2, scale, rounding_mode="floor")  # noqa: E731
-    xmin, xmax = first(x.min(1).values).clamp(0, width), last(x.max(1).values).clamp(-1, width - 1)
-    ymin, ymax = first(y.min(1).values).clamp(0, height), last(y.max(1).values).clamp(-1, height - 1)
-    spans_x, spans_y = (xmax - xmin + 1).clamp(min=0), (ymax - ymin + 1).clamp(min=0)
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
-    sign = torch.sign(area)
-    triangles = ((area != 0) & (spans_x > 0) & (spans_y > 0)).nonzero().squeeze(1)
-    for chunk in _chunks(triangles, (spans_x * spans_y)[triangles], PAIRS_PER_CHUNK):
-        counts = (spans_x * spans_y)[chunk]
-        tri = torch.repeat_interleave(chunk, counts)
-        local = torch.arange(len(tri), device=tri.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                    counts)
-        px = xmin[tri] + local % spans_x[tri]
-        py = ymin[tri] + torch.div(local, spans_x[tri], rounding_mode="floor")
-        sx, sy = px * scale + scale // 2, py * scale + scale // 2
-        inside = torch.ones_like(tri, dtype=torch.bool)
-        for k in range(3):  # the edge from corner k+1 to corner k+2, interior positive for either winding
-            ax, ay, bx, by = x[tri, (k + 1) % 3], y[tri, (k + 1) % 3], x[tri, (k + 2) % 3], y[tri, (k + 2) % 3]
-            dx, dy = (bx - ax) * sign[tri], (by - ay) * sign[tri]
-            edge = dx * (sy - ay) - dy * (sx - ax)
-            inside &= (edge > 0) | ((edge == 0) & ((dy < 0) | ((dy == 0) & (dx > 0))))  # top-left rule
-        yield tri[inside], (py * width + px)[inside]
-
-
 def _edge(ax, ay, bx, by, sx, sy):
     """The edge function of the edge from a to b at samples s (all [N]): positive on its left."""
     return (bx - ax) * (sy - ay) - (by - ay) * (sx - ax)
-
-
-def rasterize_coverage(xy: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], counted: str = "all",
-                       subpixel_bits: int = SUBPIXEL_BITS):
-    """Flat triangles, given in pixel units, rasterised without depth.
-
-    Pixel (column c, row r) samples the point (c + 0.5, r + 0.5) of ``xy``'s frame; coverage follows
-    ``rasterize`` exactly (1/16-pixel snapping, top-left rule), so ``owner`` equals the triangle ids
-    ``rasterize`` draws for the same triangles at one depth. A finer ``subpixel_bits`` snaps less:
-    a UV atlas checked for overlaps uses 8 (1/256 pixel), since two vertices of a marching-cubes
-    sliver a twentieth of a texel apart can swap sides on the 1/16 grid, and the snapped triangles
-    then overlap where the layout does not.
-
-    Args:
-        xy: [V, 2] vertex positions in pixels (x along columns, y along rows).
-        faces: [F, 3] vertex indices.
-        resolution: (height, width).
-        counted: which triangles ``count`` counts: "all", or "ccw", those that stay counter-clockwise
-            (positive area in this frame) after snapping. A UV atlas whose triangles are all
-            counter-clockwise counts "ccw": a sliver thinner than the snapping grid can flip and then
-            covers a neighbour's pixels, which is no overlap of the layout.
-        subpixel_bits: vertices snap to 1/2^bits pixel (1 to 10).
-    Returns:
-        owner [H, W] int64: the lowest id of the triangles covering the pixel centre, -1 where none;
-        count [H, W] int32: how many (counted) triangles cover it: more than one only where
-        triangles overlap.
-    Raises:
-        ValueError: for vertices that are not finite or so far outside the image that the edge
-            functions could leave float64's exact integers (at 1/1024 pixel about 30,000 pixels
-            out; see ``_covered_pixels``).
-    """
-    if counted not in ("all", "ccw"):
-        raise ValueError(f"counted must be 'all' or 'ccw', got {counted!r}")
-    if not 1 <= subpixel_bits <= 10:
-        raise ValueError(f"subpixel_bits must be in 1..10, got {subpixel_bits}")
-    height, width = int(resolution[0]), int(resolution[1])
-    device = xy.device
-    owner = torch.full((height * width,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-    count = torch.zeros(height * width, dtype=torch.int32, device=device)
-    for tri, pixel, ccw in _covered_pixels(xy, faces, height, width, subpixel_bits):
-        owner.scatter_reduce_(0, pixel, tri, reduce="amin")
-        count.scatter_add_(0, pixel, ccw.int() if counted == "ccw" else torch.ones_like(pixel, dtype=torch.int32))
-    owner.masked_fill_(count == 0, -1)
-    return owner.reshape(height, width), count.reshape(height, width)
-
-
-def triangles_covering(xy: torch.Tensor, faces: torch.Tensor, pixels: torch.Tensor,
-                       subpixel_bits: int = SUBPIXEL_BITS) -> torch.Tensor:
-    """The ids (sorted, unique) of the triangles that cover any pixel centre where ``pixels`` [H, W]
-    (bool) is set; same frame and rules as ``rasterize_coverage``."""
-    height, width = pixels.shape
-    wanted = pixels.reshape(-1)
-    found = [tri[wanted[pixel]] for tri, pixel, _ in _covered_pixels(xy, faces, height, width, subpixel_bits)]
-    return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.long, device=xy.device)
-
-
-def _covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: int, subpixel_bits: int):
-    """Yields (triangle [N], pixel [N], counter-clockwise [N] bool) for every covered pixel centre
-    (flat pixel index, row-major; the winding is the snapped triangle's).
-
-    Scanline form of ``rasterize``'s coverage test: each edge is an integer linear function of the
-    pixel's column and row, with the top-left rule folded into its constant (an edge function is an
-    integer, so "> 0, or = 0 on a top or left edge" becomes ">= 1", or ">= 0" on a top or left edge).
-    On each row of a triangle's bounding box the three inequalities bound the covered columns, found
-    by exact division; only covered pixels are ever listed. Each row's edge function at column 0,
-    t, and the per-column step a are integers below 2^52, computed in float64 (exact there, and
-    several times faster than int64 on a CPU), and the floor of a correctly rounded quotient t / a of
-    such integers is the exact floor (t / a is either an integer, or at least 1/|a| away from one,
-    more than half an ulp); coordinates that could break the bound, or are not finite, are refused.
-    """
-    if len(faces) == 0:
-        return
-    scale = 1 << subpixel_bits
-    faces = faces.to(device=xy.device, dtype=torch.long)
-    corners = xy.double()[faces] * scale  # [F, 3, 2], in 1/scale pixel
-    largest = float(corners.abs().max())  # nan if any is
-    # |t| <= 4 reach² + 2 reach · scale · height, with reach bounding |coordinate| and |scale/2 - coordinate|
-    reach = math.ceil(largest) + scale if math.isfinite(largest) else math.inf
-    if not 4 * reach * reach + 2 * reach * scale * max(height, width) < 1 << 52:
-        raise ValueError(f"triangle coordinates up to {largest / scale:.0f} pixels are not finite or too far "
-                         f"outside a {height}x{width} image to rasterise exactly")
-    snapped = torch.round(corners).to(torch.int64)
-    x, y = snapped[..., 0], snapped[..., 1]  # [F, 3] each
-    area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
-    sign = torch.sign(area)[:, None]
-    # edge k runs from corner k+1 to corner k+2 (the edge opposite corner k); interior positive
-    ax, ay = x[:, [1, 2, 0]], y[:, [1, 2, 0]]
-    dx, dy = (x[:, [2, 0, 1]] - ax) * sign, (y[:, [2, 0, 1]] - ay) * sign
-    top_left = (dy < 0) | ((dy == 0) & (dx > 0))
-    # e = dx (sy - ay) - dy (sx - ax) at the centre sx = scale (c + 1/2), sy = scale (r + 1/2):
-    # per_column · c + per_row · r + constant
-    per_column, per_row = (-dy * scale).double(), (dx * scale).double()
-    constant = (dx * (scale // 2 - ay) - dy * (scale // 2 - ax) - (~top_left).long()).double()
-    first_x = torch.div(x.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, width)
-    last_x = torch.div(x.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, width - 1)
-    first_y = torch.div(y.min(1).values - scale // 2 + scale - 1, scale, rounding_mode="floor").clamp(0, height)
-    last_y = torch.div(y.max(1).values - scale // 2, scale, rounding_mode="floor").clamp(-1, height - 1)
-    spans_x, spans_y = (last_x - first_x + 1).clamp(min=0), (last_y - first_y + 1).clamp(min=0)
-    triangles = ((area != 0) & (spans_x > 0) & (spans_y > 0)).nonzero().squeeze(1)
-    first_column, last_column = first_x.double(), last_x.double()  # the bounds below are float64
-    # (triangle, row) pairs, in chunks whose bounding-box pixels stay bounded
-    for chunk in _chunks(triangles, (spans_x * spans_y)[triangles], PAIRS_PER_CHUNK):
-        rows_per = spans_y[chunk]
-        tri = torch.repeat_interleave(chunk, rows_per)
-        starts = torch.cumsum(rows_per, 0) - rows_per
-        # (gathers by index_select: 3x faster than advanced indexing for these shapes on the CPU)
-        row = torch.arange(len(tri), device=tri.device) + torch.repeat_interleave(first_y[chunk] - starts, rows_per)
-        lo, hi = first_column.index_select(0, tri), last_column.index_select(0, tri)
-        a = per_column.index_select(0, tri)  # [P, 3]
-        t = torch.addcmul(constant.index_select(0, tri), per_row.index_select(0, tri), row.double()[:, None])
-        # the edge functions are a · column + t >= 0: a > 0 bounds the column from below by
-        # ceil(-t / a), a < 0 from above by floor(-t / a); a = 0 (a horizontal edge) passes or empties the row
-        quotient = t.div(a).neg_()  # -t / a (inf or nan where a = 0, never chosen)
-        lower = torch.where(a > 0, quotient.ceil(), -1.0)
-        upper = torch.where(a < 0, quotient.floor_(), float(width))
-        upper.masked_fill_((a == 0) & (t < 0), -1.0)
-        # (three columns combined elementwise: torch's reductions over a dimension of 3 are slow)
-        lo = torch.maximum(torch.maximum(lo, lower[:, 0]), torch.maximum(lower[:, 1], lower[:, 2])).long()
-        hi = torch.minimum(torch.minimum(hi, upper[:, 0]), torch.minimum(upper[:, 1], upper[:, 2])).long()
-        count = (hi - lo + 1).clamp_(min=0)
-        pixel_tri = torch.repeat_interleave(tri, count)
-        # each (triangle, row)'s first pixel, less the pixels listed before it: + a running count gives the rest
-        first = row * width + lo - (torch.cumsum(count, 0) - count)
-        pixel = torch.repeat_interleave(first, count) + torch.arange(len(pixel_tri), device=tri.device)
-        yield pixel_tri, pixel, area.index_select(0, pixel_tri) > 0
-
-
-def _chunks(triangles: torch.Tensor, pairs: torch.Tensor, limit: int):
-    """Splits ``triangles`` into runs whose candidate pixel counts sum to about ``limit``."""
-    if len(triangles) == 0:
-        return
-    ends = torch.cumsum(pairs, 0)
-    start, offset = 0, 0
-    while start < len(triangles):
-        stop = int(torch.searchsorted(ends, offset + limit, right=True))
-        stop = max(stop, start + 1)  # one huge triangle still goes through, on its own
-        yield triangles[start:stop]
-        offset = int(ends[stop - 1])
-        start = stop
 
 
 def _screen_weights(px, py, a, b, c):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .raster import rasterize_coverage
+from .coverage import rasterize_coverage
 from .uv import ATLAS_SUBPIXEL_BITS, atlas_pixels
 
 

@@ -6,7 +6,7 @@ A baked texture reads it once per texel instead, so a light mesh keeps the field
 1. ``unwrap``: a UV atlas, by default ``uv.box_unwrap`` (box-projected charts, ~0.1 s for a 60k-face
    isosurface) or xatlas (``method="xatlas"``: conformal charts capped in area, seconds), packed
    into one square with padding between charts;
-2. ``texel_samples``: the atlas rasterised in UV space (``raster.rasterize_coverage``), so every
+2. ``texel_samples``: the atlas rasterised in UV space (``coverage.rasterize_coverage``), so every
    covered texel knows its triangle and barycentrics, hence its 3D point on the surface; texels just
    outside a chart extend the nearest triangle, so a bilinear lookup at a chart's edge blends true
    field values;

@@ -37,7 +37,7 @@ import math
 import numpy as np
 import torch
 
-from .raster import rasterize_coverage, triangles_covering
+from .coverage import rasterize_coverage, triangles_covering
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ CRUMB_FACES = 16
 #: Rounds of trimming or splitting self-overlapping charts; after these, every face of a chart that
 #: still overlaps itself becomes a chart of its own (a single triangle cannot overlap itself).
 SPLIT_ROUNDS = 6
-#: Snapping grid of the overlap check, 1/256 texel (see ``raster.rasterize_coverage``).
+#: Snapping grid of the overlap check, 1/256 texel (see ``coverage.rasterize_coverage``).
 ATLAS_SUBPIXEL_BITS = 8
 #: A chart overlapping itself on more texels than this is split in depth, not trimmed face by face.
 LARGE_OVERLAP_TEXELS = 64
@@ -148,7 +148,7 @@ def _box_unwrap(vertices, faces, size, padding, device, return_owner):
 
 
 def atlas_pixels(uv: np.ndarray | torch.Tensor, size: int, device=None) -> torch.Tensor:
-    """UV [V, 2] -> pixel coordinates [V, 2] float64 for ``raster.rasterize_coverage`` (texel (c, r)
+    """UV [V, 2] -> pixel coordinates [V, 2] float64 for ``coverage.rasterize_coverage`` (texel (c, r)
     samples uv ((c + 0.5)/S, (r + 0.5)/S), as ``texels.atlas_owner``)."""
     return torch.as_tensor(uv, device=device).double() * size
 
