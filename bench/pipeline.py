@@ -590,7 +590,9 @@ Wall time of one generation, **prompt → GLB file**, measured by `bench/pipelin
   **baseline** = what the authors' code computes: float32, NCHW convolutions, explicit softmax(QKᵀ)V,
   LoRA unmerged, SDF and deformation at all R³ grid points, marching cubes, vertex colours, GLB export
   (rows before 2026-11-28 ran the baseline's marching cubes with PyMCubes, and ours with PyMCubes after
-  a near-surface deformation pass).
+  a near-surface deformation pass; rows before 2026-12-01 scaled the baseline's attention scores in a
+  pass of their own after QKᵀ, since then inside the product as diffusers' processor that the authors
+  call: about 1.7× faster attention on the CPU).
 
 Columns: *ours / baseline s* — median seconds, prompt → GLB; *×* — baseline / ours; *stages* — our
 medians in seconds for text encoding / 4 denoising steps / VAE decode / grid SDF / isosurface

@@ -322,9 +322,11 @@ class JointTriplaneAttnProcessor:
         q, k, v = split(q), split(k), split(v)
         if self.kernel == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-        else:
-            weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1)
-            out = torch.matmul(weights, v)
+        else:  # as diffusers' get_attention_scores, which the authors' processor calls: heads in the batch
+            q, k, v = (t.reshape(b * heads, self.num_planes * n, -1) for t in (q, k, v))
+            scores = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device),
+                                   q, k.transpose(1, 2), beta=0, alpha=attn.scale)
+            out = torch.bmm(scores.softmax(dim=-1), v).reshape(b, heads, self.num_planes * n, -1)
         out = out.transpose(1, 2).reshape(rows, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)  # dropout, inactive at inference
