@@ -38,9 +38,17 @@ STAGES = {"text", "denoise", "decode", "fields", "isosurface", "color", "texture
 KINDS = ("glb", "obj", "ply", "stl")
 
 
+def local_client(url: str, download_files) -> Client:
+    """A gradio client of a test server. The servers speak plain HTTP on 127.0.0.1, so there are no
+    certificates to check: without ``ssl_verify=False`` every request (and every file download)
+    loads the system's CA bundle into a fresh SSL context, 20-30 ms of CPU each, about 9 s in the
+    crowd of a hundred."""
+    return Client(url, verbose=False, download_files=download_files, ssl_verify=False)
+
+
 @pytest.fixture(scope="module")
 def client(app_server, tmp_path_factory):
-    return Client(app_server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    return local_client(app_server.url, str(tmp_path_factory.mktemp("downloads")))
 
 
 def generate(client, prompt="a frog wearing a sweater", seed=1, resolution=128, **kwargs):
@@ -282,7 +290,7 @@ def test_only_the_result_files_are_served(app_server):
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    generate(Client(app_server.url, verbose=False, download_files=False), seed=31)  # at least one result, whatever ran before
+    generate(local_client(app_server.url, download_files=False), seed=31)  # at least one result, whatever ran before
     glb = next(app_server.output_dir.glob("files/*/*.glb"))
     assert status(glb) == 200
     record = next(app_server.output_dir.glob("records/*.json"))  # prompts and settings stay private
@@ -327,7 +335,7 @@ def test_a_crowd_of_a_hundred_gets_meshes_or_a_clear_busy_answer(app_server, tmp
     identical (sent a moment ahead) and the rest with distinct seeds: each gets a mesh or "busy, try
     again" (never a bare error), the identical ones one mesh made once; meanwhile a stored result and
     the page answer within seconds; afterwards a fresh request works."""
-    client = Client(app_server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("crowd-downloads")))
+    client = local_client(app_server.url, str(tmp_path_factory.mktemp("crowd-downloads")))
     stored = generate(client, prompt="a stored lamp", seed=7, texture="vertex")
     seeds = [42] * IDENTICAL + [1000 + i for i in range(CROWD - IDENTICAL)]
 
@@ -395,7 +403,7 @@ def wait_for_progress(jobs, text: str, timeout: float = 60) -> None:
 def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
     """The page answers while the weights load; requests made meanwhile are told so, wait, and succeed."""
     with slow_app(tmp_path_factory, "cold-start") as server:
-        client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
+        client = local_client(server.url, str(server.tmpdir / "client"))
         jobs = [client.submit(prompt="a frog wearing a sweater", seed=seed, randomize_seed=False, mesh_resolution=128,
                               api_name="/generate") for seed in (3, 4, 3)]
         wait_for_progress(jobs, "Loading the model")  # they are told
@@ -409,7 +417,7 @@ def test_requests_made_while_the_model_loads_wait_and_succeed(tmp_path_factory):
 @pytest.mark.timeout(120)
 def test_a_failed_load_is_a_clear_error_for_every_caller(tmp_path_factory):
     with slow_app(tmp_path_factory, "failed-start", fail="offline with nothing cached: run with --tiny") as server:
-        client = Client(server.url, verbose=False, download_files=str(server.tmpdir / "client"))
+        client = local_client(server.url, str(server.tmpdir / "client"))
         jobs = [client.submit(prompt="a frog wearing a sweater", seed=seed, randomize_seed=False, mesh_resolution=128,
                               api_name="/generate") for seed in (1, 2, 3)]
         wait_for_progress(jobs, "Loading the model")  # all three are in before the load fails
