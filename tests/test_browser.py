@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import trimesh
 
+import app as webapp
+
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -28,6 +30,7 @@ README_SCREENSHOT = REPO / "assets" / "screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LINK_FIELD = "#share-link textarea, #share-link input"
+HISTORY_KEY = webapp.HISTORY_STORAGE["storage_key"]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)")]
@@ -181,6 +184,17 @@ def history_captions(page) -> list[str]:
 
 
 @pytest.mark.timeout(240)
+def stored_history(page) -> str | None:
+    """The browser's stored history (encrypted: a fresh random IV at every write)."""
+    return page.evaluate("(key) => localStorage.getItem(key)", HISTORY_KEY)
+
+
+def wait_until_stored(page, before: str | None) -> None:
+    """Until the history stored in the browser differs from ``before``: BrowserState writes it after
+    the page shows the change, and a reload in between would read the older history."""
+    page.wait_for_function("([key, before]) => localStorage.getItem(key) !== before", arg=[HISTORY_KEY, before])
+
+
 def test_history_keeps_results_across_a_reload(app_server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(app_server.url)
@@ -190,9 +204,11 @@ def test_history_keeps_results_across_a_reload(app_server, page):
         page.locator("#randomize input").set_checked(False)
         page.locator("#seed input").first.fill(str(seed))
         page.locator("#prompt textarea, #prompt input").first.fill("a wooden chair")
+        before = stored_history(page)
         page.click("#generate")
         wait_for_result(page, seed=seed)
         page.wait_for_function("(n) => document.querySelectorAll('#history .caption-label').length >= n", arg=seed - 40)
+        wait_until_stored(page, before)
     assert history_captions(page) == ["a wooden chair · seed 42", "a wooden chair · seed 41"]
     page.reload()
     page.wait_for_function("() => document.querySelectorAll('#history .caption-label').length >= 2")
@@ -202,8 +218,10 @@ def test_history_keeps_results_across_a_reload(app_server, page):
     page.locator("#history .thumbnail-item").nth(1).click()
     assert "seed=41" in wait_for_result(page, seed=41)
     assert page.locator("#seed input").first.input_value() == "41"
+    before = stored_history(page)
     page.click("#clear-history")
     page.wait_for_function("() => document.querySelectorAll('#history .caption-label').length == 0")
+    wait_until_stored(page, before)
     page.reload()
     from playwright.sync_api import expect
 
