@@ -13,7 +13,7 @@ import pytest
 import torch
 from huggingface_hub import errors as hf_errors
 
-from triplane_turbo import TriplaneTurboPipeline, WeightsNotAvailableError
+from triplane_turbo import GenerationConfig, TriplaneTurboPipeline, WeightsNotAvailableError
 from triplane_turbo.config import (DEFAULT_ADAPTER_FILENAME, DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER,
                                    ENV_BASE_MODEL, LEGACY_BASE_MODEL, WeightSources)
 from triplane_turbo.hub import (BASE_MODEL_FILES, IncompatibleBaseModelError, base_model_files, resolve,
@@ -81,7 +81,7 @@ def hub_cache(offline_cache, tiny_model_dir):
 def test_loads_from_hub_cache_offline(hub_cache):
     pipe = TriplaneTurboPipeline.from_pretrained("test/base", "test/adapter")
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a wooden chair", seed=3, mesh_resolution=48)
+    out = pipe("a wooden chair", seed=3, mesh_resolution=48, texture="vertex")
     assert len(out.meshes[0].faces) > 0
     # the revision names the exact snapshots, so caches keyed on it follow weight updates
     again = TriplaneTurboPipeline.from_pretrained("test/base", "test/adapter")
@@ -186,10 +186,11 @@ def test_float16_pipelines_use_the_float16_files(fp16_model_dir, tmp_path):
     shutil.copytree(base_dir, only_fp16)
     for name in base_model_files(None)[-3:]:
         (only_fp16 / name).unlink()  # the float32 files are gone: loading must not need them
-    pipe = TriplaneTurboPipeline.from_pretrained(str(only_fp16), str(adapter_file), dtype=torch.float16)
+    pipe = TriplaneTurboPipeline.from_pretrained(str(only_fp16), str(adapter_file), dtype=torch.float16,
+                                                 config=GenerationConfig(latent_size=16))  # float16 is slow on a CPU
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
-    assert len(pipe("a lamp", seed=1, mesh_resolution=32).meshes[0].faces) > 0
+    assert len(pipe("a lamp", seed=1, mesh_resolution=32, texture="vertex").meshes[0].faces) > 0
     with pytest.raises(WeightsNotAvailableError, match="lacks text_encoder/model.safetensors"):
         TriplaneTurboPipeline.from_pretrained(str(only_fp16), str(adapter_file))  # float32 wants the float32 files
 

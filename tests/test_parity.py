@@ -165,7 +165,7 @@ def test_sparse_deformation_meshes_as_the_golden_dense_grids(fast_pipe, golden):
 
 def test_whole_chain_from_prompt_and_seed(fast_pipe, golden, prompts):
     resolution = golden["grid_axis"].shape[0]
-    out = fast_pipe(prompts[0], seed=42, mesh_resolution=resolution)
+    out = fast_pipe(prompts[0], seed=42, mesh_resolution=resolution, texture="vertex")  # the bake: test_texture.py
     assert out.seeds == [42]
     assert_close(out.latents, golden["final_latents"], "final_latents (whole chain)")
     assert_close(out.triplane, golden["triplane"], "triplane (whole chain)")
