@@ -196,6 +196,8 @@ def wait_until_stored(page, before: str | None) -> None:
 
 
 def test_history_keeps_results_across_a_reload(app_server, page):
+    from playwright.sync_api import expect
+
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(app_server.url)
     page.wait_for_selector("#generate")
@@ -218,13 +220,15 @@ def test_history_keeps_results_across_a_reload(app_server, page):
     page.locator("#history .thumbnail-item").nth(1).click()
     assert "seed=41" in wait_for_result(page, seed=41)
     assert page.locator("#seed input").first.input_value() == "41"
+    # used again, it moves to the front: once the opening has finished (the link shows before that,
+    # and a clear made in between would be followed by the re-opened entry)
+    expect(page.locator("#history .caption-label")).to_have_text(["a wooden chair · seed 41",
+                                                                  "a wooden chair · seed 42"])
     before = stored_history(page)
     page.click("#clear-history")
     page.wait_for_function("() => document.querySelectorAll('#history .caption-label').length == 0")
     wait_until_stored(page, before)
     page.reload()
-    from playwright.sync_api import expect
-
     expect(page.locator("#model-status")).to_be_visible()
     page.wait_for_timeout(1500)  # the history loads with the page; give a stale one time to show up
     expect(page.locator("#history .caption-label")).to_have_count(0)
