@@ -453,22 +453,29 @@ def step_gradients(base, adapter, fake_rank):
 
 
 if __name__ == "__main__":
-    base, adapter, gradients_file, second_port, *train_argv = sys.argv[1:]
+    base, adapter, gradients_file, *train_argv = sys.argv[1:]
     grads, main = step_gradients(base, adapter, -1)
     if main:
         torch.save(grads, gradients_file)
     # Then, in the same two processes, the command line's run: as when launched on its own, it writes
-    # its tiny model before it starts a process group. Its group meets at a store of its own (rank 0
-    # serves it on a second port), not the launcher's, which holds the first group's keys.
-    import os
+    # its tiny model before it starts a process group. Its group meets at a store of its own, served
+    # by rank 0 on a port it has just found free, not at the launcher's, which holds the first
+    # group's keys.
+    import os, socket
     from accelerate.state import AcceleratorState, GradientState
     from triplane_turbo import train
 
+    port = [None]
+    if torch.distributed.get_rank() == 0:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port[0] = probe.getsockname()[1]
+    torch.distributed.broadcast_object_list(port, src=0)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    os.environ.update(MASTER_PORT=second_port, TORCHELASTIC_USE_AGENT_STORE="False")
+    os.environ.update(MASTER_PORT=str(port[0]), TORCHELASTIC_USE_AGENT_STORE="False")
     sys.exit(train.main(train_argv))
 """
 
@@ -493,19 +500,19 @@ def test_two_processes_average_the_gradients_of_all_four_passes_and_train_one_ad
                 "--main_process_port", str(free_port())]
     train_argv = ["--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--output", "run", "--steps", "2",
                   "--renderers", "volume", "--prompts-per-step", "1", "--views", "1", "--preview-every", "0", "-q"]
-    ddp = subprocess.Popen([*launcher, str(script), base, adapter, str(tmp_path / "both.pt"), str(free_port()),
-                            *train_argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-    namespace: dict = {"__name__": "ddp_step"}
-    exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # meanwhile, each rank's data in this process alone
-    one, other = (namespace["step_gradients"](base, adapter, rank)[0] for rank in (0, 1))
+    ddp = subprocess.Popen([*launcher, str(script), base, adapter, str(tmp_path / "both.pt"), *train_argv],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        output, _ = ddp.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a hang: no launcher or rank outlives the test
-        for process in [*psutil.Process(ddp.pid).children(recursive=True), psutil.Process(ddp.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        raise
+        namespace: dict = {"__name__": "ddp_step"}
+        exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # meanwhile, each rank's data in this process alone
+        one, other = (namespace["step_gradients"](base, adapter, rank)[0] for rank in (0, 1))
+        output, _ = ddp.communicate(timeout=400)
+    finally:  # a failure here or a hang: no launcher or rank outlives the test
+        if ddp.poll() is None:
+            for process in [*psutil.Process(ddp.pid).children(recursive=True), psutil.Process(ddp.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            print(ddp.communicate()[0][-3000:])  # what the processes said, in the test's report
     assert ddp.returncode == 0, output[-3000:]
     both = torch.load(tmp_path / "both.pt", weights_only=True)
     assert len(both) == len(one) > 0
