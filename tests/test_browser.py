@@ -183,7 +183,6 @@ def history_captions(page) -> list[str]:
     return page.locator("#history .caption-label").all_inner_texts()
 
 
-@pytest.mark.timeout(240)
 def stored_history(page) -> str | None:
     """The browser's stored history (encrypted: a fresh random IV at every write)."""
     return page.evaluate("(key) => localStorage.getItem(key)", HISTORY_KEY)
@@ -195,6 +194,7 @@ def wait_until_stored(page, before: str | None) -> None:
     page.wait_for_function("([key, before]) => localStorage.getItem(key) !== before", arg=[HISTORY_KEY, before])
 
 
+@pytest.mark.timeout(240)
 def test_history_keeps_results_across_a_reload(app_server, page):
     from playwright.sync_api import expect
 
