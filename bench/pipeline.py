@@ -590,9 +590,9 @@ Wall time of one generation, **prompt → GLB file**, measured by `bench/pipelin
   **baseline** = what the authors' code computes: float32, NCHW convolutions, explicit softmax(QKᵀ)V,
   LoRA unmerged, SDF and deformation at all R³ grid points, marching cubes, vertex colours, GLB export
   (rows before 2026-11-28 ran the baseline's marching cubes with PyMCubes, and ours with PyMCubes after
-  a near-surface deformation pass; rows before 2026-12-01 scaled the baseline's attention scores in a
-  pass of their own after QKᵀ, since then inside the product as diffusers' processor that the authors
-  call: about 1.7× faster attention on the CPU).
+  a near-surface deformation pass; rows from commits before 437aa4d scaled the baseline's attention
+  scores in a pass of their own after QKᵀ, later ones inside the product as the diffusers processor
+  that the authors call does: one UNet call of the tiny test fixture took 2.7 → 1.6 s on the CPU).
 
 Columns: *ours / baseline s* — median seconds, prompt → GLB; *×* — baseline / ours; *stages* — our
 medians in seconds for text encoding / 4 denoising steps / VAE decode / grid SDF / isosurface
