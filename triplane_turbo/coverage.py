@@ -110,7 +110,7 @@ def covered_pixels(xy: torch.Tensor, faces: torch.Tensor, height: int, width: in
     # edge k runs from corner k+1 to corner k+2 (the edge opposite corner k); interior positive
     ax, ay = x[:, [1, 2, 0]], y[:, [1, 2, 0]]
     dx, dy = (x[:, [2, 0, 1]] - ax) * sign, (y[:, [2, 0, 1]] - ay) * sign
-    top_left = (dy < 0) | ((dy == 0) & (dx > 0))
+    top_left = _top_left(dx, dy)
     # e = dx (sy - ay) - dy (sx - ax) at the centre sx = scale (c + 1/2), sy = scale (r + 1/2):
     # per_column · c + per_row · r + constant
     per_column, per_row = (-dy * scale).double(), (dx * scale).double()
@@ -203,11 +203,21 @@ def bounding_box_pixels(corners: torch.Tensor, height: int, width: int, scale: i
         inside = torch.ones_like(tri, dtype=torch.bool)
         for k in range(3):  # the edge from corner k+1 to corner k+2, interior positive for either winding
             ax, ay, bx, by = x[tri, (k + 1) % 3], y[tri, (k + 1) % 3], x[tri, (k + 2) % 3], y[tri, (k + 2) % 3]
-            dx, dy = (bx - ax) * sign[tri], (by - ay) * sign[tri]
-            edge = dx * (sy - ay) - dy * (sx - ax)
-            inside &= (edge > 0) | ((edge == 0) & ((dy < 0) | ((dy == 0) & (dx > 0))))  # top-left rule
+            edge = edge_function(ax, ay, bx, by, sx, sy) * sign[tri]
+            inside &= (edge > 0) | ((edge == 0) & _top_left((bx - ax) * sign[tri], (by - ay) * sign[tri]))
         yield tri[inside], (py * width + px)[inside]
 
 
-__all__ = ["PAIRS_PER_CHUNK", "SUBPIXEL_BITS", "bounding_box_pixels", "covered_pixels", "rasterize_coverage",
-           "spans_exact", "triangles_covering"]
+def edge_function(ax, ay, bx, by, sx, sy):
+    """The edge function of the edge from a to b at samples s (all [N]): positive on its left."""
+    return (bx - ax) * (sy - ay) - (by - ay) * (sx - ax)
+
+
+def _top_left(dx, dy):
+    """Whether edges of direction (dx, dy), interior on their left, are "top" or "left" ones (with y
+    up): a pixel centre exactly on an edge shared by two triangles belongs to the one for which it is."""
+    return (dy < 0) | ((dy == 0) & (dx > 0))
+
+
+__all__ = ["PAIRS_PER_CHUNK", "SUBPIXEL_BITS", "bounding_box_pixels", "covered_pixels", "edge_function",
+           "rasterize_coverage", "spans_exact", "triangles_covering"]

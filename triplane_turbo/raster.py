@@ -34,7 +34,7 @@ import logging
 
 import torch
 
-from .coverage import SUBPIXEL_BITS, bounding_box_pixels, covered_pixels, spans_exact
+from .coverage import SUBPIXEL_BITS, bounding_box_pixels, covered_pixels, edge_function, spans_exact
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,9 @@ def interpolate(attributes: torch.Tensor, rast: torch.Tensor, faces: torch.Tenso
 def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The torch back-end for one image: clip [V, 4], faces [F, 3] (long) -> rast [H, W, 4].
 
-    Coverage is ``rasterize_coverage``'s (the covered pixels of each triangle, row by row); each
-    covered pixel's screen-linear depth decides, by one scatter-min, which triangle it shows.
+    Coverage is ``coverage.covered_pixels``'s (each triangle's covered pixels, row by row), or
+    ``coverage.bounding_box_pixels``'s for the few triangles too far out for its spans; each covered
+    pixel's screen-linear depth decides, by one scatter-min, which triangle it shows.
     """
     device = clip.device
     if len(faces) >= 1 << 31:
@@ -190,7 +191,7 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
         ax, ay, bx, by, cx, cy, a = (c.index_select(0, tri) for c in exact_columns)
         sx = (pixel % width).to(ax.dtype) * scale + scale // 2
         sy = torch.div(pixel, width, rounding_mode="floor").to(ax.dtype) * scale + scale // 2
-        e0, e1 = _edge(bx, by, cx, cy, sx, sy), _edge(cx, cy, ax, ay, sx, sy)
+        e0, e1 = edge_function(bx, by, cx, cy, sx, sy), edge_function(cx, cy, ax, ay, sx, sy)
         e2 = a - e0 - e1
         a, e0, e1, e2 = a.double(), e0.double(), e1.double(), e2.double()
         take = lambda column: column.index_select(0, tri)  # noqa: E731
@@ -217,11 +218,6 @@ def _rasterize_one(clip: torch.Tensor, faces: torch.Tensor, height: int, width: 
         rast[drawn, 2] = depth.float()
         rast[drawn, 3] = (tri + 1).float()
     return rast.reshape(height, width, 4)
-
-
-def _edge(ax, ay, bx, by, sx, sy):
-    """The edge function of the edge from a to b at samples s (all [N]): positive on its left."""
-    return (bx - ax) * (sy - ay) - (by - ay) * (sx - ax)
 
 
 def _screen_weights(px, py, a, b, c):
