@@ -172,10 +172,11 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
     wait until the test calls ``release(server, "load" | "bake")``: handed out the moment the page
     answers. (In this process: a fresh one would import torch, diffusers and gradio again for each;
     ``python app.py`` itself is the ``app_server`` fixture.)"""
+    from gradio.data_classes import _StaticFiles
+
     import app
     from triplane_turbo import WeightsNotAvailableError, tiny
     from triplane_turbo.mesher import TriplaneMesher
-    from gradio.data_classes import _StaticFiles
     from triplane_turbo.web import make_loader
 
     root = tmp_path_factory.mktemp(name)

@@ -165,9 +165,9 @@ def test_many_small_triangles_in_bounded_chunks(monkeypatch):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_drawn_triangles_match_a_pixel_by_pixel_reference(seed):
     """Overlapping triangles at varied depths and w (a few behind the camera, a few reaching millions
-    of pixels out, slivers, edges through pixel centres): at every pixel, the drawn triangle is the one a per-pixel evaluation in int64
-    picks (vertices snapped to 1/16 pixel, top-left rule, screen-linear z/w in [-1, 1], the nearest
-    as float32, ties to the lower id)."""
+    of pixels out, slivers, edges through pixel centres): at every pixel, the drawn triangle is the
+    one a per-pixel evaluation in int64 picks (vertices snapped to 1/16 pixel, top-left rule,
+    screen-linear z/w in [-1, 1], the nearest as float32, ties to the lower id)."""
     rng = np.random.default_rng(seed)
     height, width, scale = 30, 40, 16
     # vertices on half pixels (many pixel centres fall exactly on edges: the top-left rule decides)
