@@ -68,7 +68,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
     if backend == "nvdiffrast" and not (device.type == "cuda" and nvdiffrast_available()):
         raise RuntimeError("the nvdiffrast back-end needs CUDA tensors and the nvdiffrast package "
-                           "(see the README's 'GPU extras')")
+                           "(docs/WEIGHTS.md, 'Hardware': pip install -r requirements-gpu.txt)")
     return backend
 
 
