@@ -164,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--texture-size", type=int, default=int(env("TRIPLANE_TURBO_TEXTURE_SIZE", DEFAULT_TEXTURE_SIZE)),
                         help=f"side of the baked textures, 64-4096 (default {DEFAULT_TEXTURE_SIZE})")
     args = parser.parse_args(argv)
-    from triplane_turbo.texture import validate_texture_size
+    from triplane_turbo.texturing.bake import validate_texture_size
 
     try:
         validate_texture_size(args.texture_size)

@@ -296,7 +296,7 @@ def generate_baseline(pipe, prompt: str, seed: int, resolution: int, glb: Path):
 
     from triplane_turbo.export import export_mesh
     from triplane_turbo.isosurface import marching_cubes
-    from triplane_turbo.texture import vertex_colors
+    from triplane_turbo.texturing.bake import vertex_colors
 
     t: dict[str, float] = {}
     device = pipe.device

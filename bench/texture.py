@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from triplane_turbo import export, texels, texture
+    from triplane_turbo import export
+    from triplane_turbo.texturing import bake as texture, texels
     from triplane_turbo.isosurface import simplify
 
     if args.threads:

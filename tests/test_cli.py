@@ -132,7 +132,7 @@ def test_the_commands_share_one_option_set_with_the_librarys_bounds(capsys):
         assert len({(a.type, tuple(a.choices or ()), a.nargs, a.const) for a in actions}) == 1, option
     from triplane_turbo.config import MAX_RESOLUTION, MIN_RESOLUTION
     from triplane_turbo.inputs import MAX_TARGET_FACES, MIN_TARGET_FACES
-    from triplane_turbo.texture import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE
+    from triplane_turbo.texturing.bake import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE
 
     bounds = {"--resolution": (MIN_RESOLUTION, MAX_RESOLUTION), "--texture-size": (MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE),
               "--faces": (MIN_TARGET_FACES, MAX_TARGET_FACES)}

@@ -108,7 +108,7 @@ def test_tiny_model_on_cuda_gives_a_reproducible_coloured_mesh(tiny_model_dir):
 def test_the_torch_rasteriser_on_cuda_equals_the_cpu():
     import trimesh
 
-    from triplane_turbo.raster import rasterize
+    from triplane_turbo.texturing.raster import rasterize
 
     sphere = trimesh.creation.icosphere(subdivisions=4)
     vertices = torch.tensor(sphere.vertices, dtype=torch.float32) * 0.9
@@ -125,7 +125,7 @@ def test_nvdiffrast_agrees_with_the_torch_rasteriser():
     barycentrics and depth where the same triangle is drawn, and the same interpolated positions."""
     import trimesh
 
-    from triplane_turbo.raster import interpolate, nvdiffrast_available, rasterize
+    from triplane_turbo.texturing.raster import interpolate, nvdiffrast_available, rasterize
 
     if not nvdiffrast_available():
         pytest.skip("nvdiffrast is not installed (pip install -r requirements-gpu.txt)")

@@ -23,9 +23,9 @@ from triplane_turbo.evaluation import (ClipScorer, EvalSettings, ViewMesh, clip_
                                        evaluate_pipeline, read_eval_prompts, render_views)
 from triplane_turbo.evaluation import views as views_module
 from triplane_turbo.export import export_mesh
-from triplane_turbo.raster import rasterize
+from triplane_turbo.texturing.raster import rasterize
 from triplane_turbo.tiny import write_tiny_clip
-from triplane_turbo.antialias import antialias
+from triplane_turbo.texturing.antialias import antialias
 
 from .conftest import free_port
 

@@ -11,7 +11,8 @@ import pytest
 import trimesh
 
 from triplane_turbo import export as export_module
-from triplane_turbo.export import FORMATS, export_mesh, linear_vertex_colors, to_display_frame
+from triplane_turbo.export import FORMATS, export_mesh, linear_vertex_colors
+from triplane_turbo.frames import to_display_frame
 
 
 @pytest.fixture

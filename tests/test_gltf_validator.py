@@ -18,7 +18,7 @@ import trimesh
 
 from triplane_turbo.export import export_mesh
 from triplane_turbo.isosurface import simplify
-from triplane_turbo.texture import bake_texture, vertex_colors
+from triplane_turbo.texturing.bake import bake_texture, vertex_colors
 
 TESTS = Path(__file__).parent
 INSTALL = "npm install --prefix tests/.node gltf-validator@2.0.0-dev.3.10 mikktspace@1.1.1"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from triplane_turbo.raster import interpolate, rasterize, resolve_backend
+from triplane_turbo.texturing.raster import interpolate, rasterize, resolve_backend
 
 
 def clip(points_xy, z=0.0, w=1.0):
@@ -148,7 +148,7 @@ def test_batches_empty_meshes_and_bad_input():
 
 def test_many_small_triangles_in_bounded_chunks(monkeypatch):
     """The candidate pairs are processed in chunks; a tiny chunk limit changes nothing."""
-    from triplane_turbo import coverage
+    from triplane_turbo.texturing import coverage
 
     sphere = trimesh.creation.icosphere(subdivisions=3)
     vertices = torch.tensor(sphere.vertices, dtype=torch.float32) * 0.9
@@ -224,8 +224,8 @@ def pixel_xy(clip_xy, size):
 def test_coverage_owner_and_count_match_rasterize(seed, monkeypatch):
     """Random overlapping triangles (and slivers) at one depth: the owner is the lowest id that
     ``rasterize`` draws, and the count is how many triangles cover each pixel, drawn one by one."""
-    from triplane_turbo import coverage
-    from triplane_turbo.coverage import rasterize_coverage
+    from triplane_turbo.texturing import coverage
+    from triplane_turbo.texturing.coverage import rasterize_coverage
 
     rng = np.random.default_rng(seed)
     points = rng.uniform(-1.1, 1.1, (60, 2))
@@ -251,7 +251,7 @@ def test_coverage_is_exact_at_the_largest_coordinates(seed, far):
     edge functions reach 2^51 (the refusal starts near 32,700 pixels): the coverage equals each
     pixel's edge functions evaluated one by one in int64. Coordinates beyond the exact range, or not
     finite, are refused; a vertex no face uses does not count."""
-    from triplane_turbo.coverage import rasterize_coverage
+    from triplane_turbo.texturing.coverage import rasterize_coverage
 
     rng = np.random.default_rng(seed)
     height, bits = 24, 10
@@ -300,7 +300,7 @@ def test_coverage_is_exact_at_the_largest_coordinates(seed, far):
 
 
 def test_coverage_of_a_closed_fan_is_exactly_one():
-    from triplane_turbo.coverage import rasterize_coverage
+    from triplane_turbo.texturing.coverage import rasterize_coverage
 
     size = 32
     ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 13)[:-1]), np.sin(np.linspace(0, 2 * np.pi, 13)[:-1])], 1)
@@ -314,7 +314,7 @@ def test_coverage_of_a_closed_fan_is_exactly_one():
 def test_coverage_snapping_and_winding():
     """Two vertices a twentieth of a pixel apart: on the 1/16 grid the sliver between them flips and
     its neighbours overlap by a pixel; on the 1/256 grid nothing does."""
-    from triplane_turbo.coverage import rasterize_coverage, triangles_covering
+    from triplane_turbo.texturing.coverage import rasterize_coverage, triangles_covering
 
     # three triangles of a marching-cubes mesh in a box-projected atlas (texels 80-96, 220-236 of 1024²)
     xy = torch.tensor([[8.5561676, 6.92593384], [9.39015961, 4.84587097], [12.41894531, 12.01960754],

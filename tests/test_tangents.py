@@ -1,4 +1,4 @@
-"""triplane_turbo.tangents: the MikkTSpace port, against hand-worked frames and against the reference.
+"""triplane_turbo.texturing.tangents: the MikkTSpace port, against hand-worked frames and against the reference.
 
 The reference is the WebAssembly build of MikkTSpace that three.js and glTF-Transform use (npm
 ``mikktspace``, installed under tests/.node by .ci/run); ``tests/fixtures/mikktspace_reference.npz``
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from triplane_turbo.tangents import mikktspace, split_by_corner
+from triplane_turbo.texturing.tangents import mikktspace, split_by_corner
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "mikktspace_reference.mjs"
@@ -148,7 +148,7 @@ def test_empty_input():
 def fixture_mesh():
     """A bumpy sphere (320 faces) with a box-projected atlas in which every other chart is mirrored
     and a few triangles are degenerate (two corners at one point, or no texture area)."""
-    from triplane_turbo.uv import box_unwrap
+    from triplane_turbo.texturing.uv import box_unwrap
 
     sphere = trimesh.creation.icosphere(subdivisions=2)
     rng = np.random.default_rng(0)
@@ -200,7 +200,7 @@ def test_the_port_matches_the_recorded_reference():
 @pytest.mark.parametrize("method", ["fast", "xatlas"])
 def test_the_port_matches_the_reference_on_a_marching_cubes_mesh(tiny_pipe, method):
     from triplane_turbo.isosurface import simplify
-    from triplane_turbo.texture import unwrap
+    from triplane_turbo.texturing.bake import unwrap
 
     out = tiny_pipe("a wooden chair", seed=3, mesh_resolution=96, texture="vertex")
     mesh = simplify(out.meshes[0], 8000)

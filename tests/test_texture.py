@@ -9,12 +9,14 @@ import pytest
 import torch
 import trimesh
 
-from triplane_turbo.export import export_mesh, to_display_frame
+from triplane_turbo.export import export_mesh
+from triplane_turbo.frames import to_display_frame
 from triplane_turbo.isosurface import simplify
-from triplane_turbo.coverage import rasterize_coverage
-from triplane_turbo.tangents import mikktspace
-from triplane_turbo.texels import atlas_owner, texel_layout, texel_samples
-from triplane_turbo.texture import bake_texture, sdf_normals, triangle_atlas, unwrap, vertex_colors
+from triplane_turbo.texturing.bake import bake_texture, sdf_normals, unwrap, vertex_colors
+from triplane_turbo.texturing.coverage import rasterize_coverage
+from triplane_turbo.texturing.tangents import mikktspace
+from triplane_turbo.texturing.texels import atlas_owner, texel_layout, texel_samples
+from triplane_turbo.texturing.uv import triangle_atlas
 from triplane_turbo.triplane import PlaneQuery, TriplaneFields
 
 from .test_export import glb_accessors, glb_json
@@ -263,7 +265,7 @@ def test_the_ring_is_exact_and_the_gutters_close(shape, extend):
     texel at most 2√2 texels beyond its nearest."""
     from scipy.ndimage import distance_transform_edt
 
-    from triplane_turbo.texels import _nearest_covered
+    from triplane_turbo.texturing.texels import _nearest_covered
 
     rng = np.random.default_rng(sum(shape) + int(10 * extend))
     for density in (0.002, 0.03, 0.4):

@@ -22,7 +22,7 @@ from triplane_turbo.adapter import adapter_parameters
 from triplane_turbo.checkpoint import read_checkpoint
 from triplane_turbo.training import (Adan, FixedImageTeacher, LearnedBackground, MeshRenderer, NeuSRenderer, PRDTrainer,
                                      StableDiffusionTeacher, Teacher, TrainConfig, VolumeConfig, sample_cameras)
-from triplane_turbo.antialias import antialias, edge_neighbours
+from triplane_turbo.texturing.antialias import antialias, edge_neighbours
 from triplane_turbo.training.config import (TINY_TRAINING, TINY_TRAINING_LATENT, BackgroundConfig, CameraConfig,
                                              MeshConfig, OptimizerConfig)
 from triplane_turbo.training.mesh import differentiable_mesh
@@ -206,7 +206,7 @@ def test_normal_and_depth_renders_of_a_sphere_match_the_analytic_ones(renderer):
 def test_antialiasing_gives_coverage_and_silhouette_gradients():
     """nvdiffrast's antialias: a vertical edge at x = 5.3 pixels covers 0.3 of pixel 5, and moving the edge
     changes the covered area at the rate of its length (10 pixels tall: d(area)/d(x_ndc) = 10 · W/2)."""
-    from triplane_turbo.raster import rasterize
+    from triplane_turbo.texturing.raster import rasterize
 
     w = h = 10
     ndc = lambda px, py: [px / w * 2 - 1, py / h * 2 - 1, 0.0, 1.0]  # noqa: E731

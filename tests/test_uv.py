@@ -1,4 +1,4 @@
-"""triplane_turbo.uv: the box-projection atlas's promises, on smooth closed shapes and on a spiral
+"""triplane_turbo.texturing.uv: the box-projection atlas's promises, on smooth closed shapes and on a spiral
 ramp whose projection folds over itself."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 import trimesh
 
-from triplane_turbo.coverage import rasterize_coverage
-from triplane_turbo.texels import atlas_owner
-from triplane_turbo.uv import DIRECTIONS, MAX_PROJECTION_ANGLE, atlas_pixels, box_unwrap
+from triplane_turbo.texturing.coverage import rasterize_coverage
+from triplane_turbo.texturing.texels import atlas_owner
+from triplane_turbo.texturing.uv import DIRECTIONS, MAX_PROJECTION_ANGLE, atlas_pixels, box_unwrap
 
 SIZE = 256
 PADDING = 4
@@ -137,7 +137,7 @@ def test_the_padding_holds_at_other_sizes(size):
 def test_the_other_ways_out_of_an_overlap_also_end_clean(monkeypatch, setting):
     """Trimming the faces involved (what a small overlap gets), and the last resort of one chart per
     face for a chart that still overlaps itself: both leave no texel covered twice."""
-    from triplane_turbo import uv
+    from triplane_turbo.texturing import uv
 
     monkeypatch.setattr(uv, *setting)
     mesh = spiral_ramp(1.5)

