@@ -59,12 +59,13 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
     with gr.Blocks(title="TriplaneTurbo: instant text-to-mesh") as demo:
         repo = f" · [this app's code]({REPO_URL})" if REPO_URL else ""
         gr.Markdown("# TriplaneTurbo: instant text-to-mesh\nType a description and get a textured 3D mesh in about "
-                    f"a second on a GPU. [Paper (arXiv 2503.21694)]({PAPER_URL}) · [Authors' code]({CODE_URL}){repo}")
+                    f"a second on a GPU. [Paper (arXiv 2503.21694)]({PAPER_URL}) · [Authors' code]({CODE_URL}){repo}",
+                    elem_id="intro")
         if tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         gr.Markdown(speed_note(tiny, loader.device), elem_id="speed-note")
         status = gr.Markdown(loader.status(), elem_id="model-status")
-        with gr.Row():
+        with gr.Row(elem_id="workspace"):  # the form, then the result; on phones one list (assets/style.css)
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", placeholder="a frog wearing a sweater", max_lines=1, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
