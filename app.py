@@ -2,6 +2,9 @@
 ``triplane_turbo.web`` (settings, store, model loading, generation service, Gradio handlers).
 
     python app.py [--tiny]    # the published weights (fetched once from the Hub), or a tiny random model offline
+
+It is also an MCP server (tools ``generate`` and ``variants``, ``triplane_turbo.web.tools``) at
+/gradio_api/mcp/ unless started with ``--no-mcp`` (or TRIPLANE_TURBO_MCP=0): docs/MCP.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoa
                                 gpu_seconds, make_loader, pick_device, speed_note)
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
+from triplane_turbo.web.tools import Tools, offer_tools
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PAPER_URL = "https://arxiv.org/abs/2503.21694"
@@ -55,12 +59,13 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
     with gr.Blocks(title="TriplaneTurbo: instant text-to-mesh") as demo:
         repo = f" · [this app's code]({REPO_URL})" if REPO_URL else ""
         gr.Markdown("# TriplaneTurbo: instant text-to-mesh\nType a description and get a textured 3D mesh in about "
-                    f"a second on a GPU. [Paper (arXiv 2503.21694)]({PAPER_URL}) · [Authors' code]({CODE_URL}){repo}")
+                    f"a second on a GPU. [Paper (arXiv 2503.21694)]({PAPER_URL}) · [Authors' code]({CODE_URL}){repo}",
+                    elem_id="intro")
         if tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         gr.Markdown(speed_note(tiny, loader.device), elem_id="speed-note")
         status = gr.Markdown(loader.status(), elem_id="model-status")
-        with gr.Row():
+        with gr.Row(elem_id="workspace"):  # the form, then the result; on phones one list (assets/style.css)
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", placeholder="a frog wearing a sweater", max_lines=1, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -130,6 +135,7 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
         clear.click(handlers.clear_history, None, [history, history_gallery], **private)
         demo.load(handlers.on_load, None, [status, *inputs, link_trigger], **private)
         demo.load(handlers.history_gallery, [history], [history_gallery], **private)
+        Tools(handlers).wire(demo)  # the MCP tools (also gradio_client endpoints): launch() then offer_tools()
     # The queue is bounded per request by the validators (max_queue waiting for the GPU), not by
     # Gradio's max_size, which would also turn away stored results.
     demo.queue(max_size=None, default_concurrency_limit=None)
@@ -137,11 +143,11 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
     return demo
 
 
-def launch_kwargs() -> dict:
-    """launch() arguments shared by main() and the tests."""
+def launch_kwargs(mcp: bool = True) -> dict:
+    """launch() arguments shared by main() and the tests; ``mcp``: also serve MCP at /gradio_api/mcp/."""
     return dict(ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
-                css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
+                mcp_server=mcp, css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
                 max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
 
 
@@ -163,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests that may wait for the GPU; more are told to try again (default 64)")
     parser.add_argument("--texture-size", type=int, default=int(env("TRIPLANE_TURBO_TEXTURE_SIZE", DEFAULT_TEXTURE_SIZE)),
                         help=f"side of the baked textures, 64-4096 (default {DEFAULT_TEXTURE_SIZE})")
+    parser.add_argument("--no-mcp", dest="mcp", action="store_false",
+                        default=env("TRIPLANE_TURBO_MCP", "1").lower() not in ("0", "false", "no", "off"),
+                        help="do not serve MCP at /gradio_api/mcp/ (env TRIPLANE_TURBO_MCP=0; on by default)")
     args = parser.parse_args(argv)
     from triplane_turbo.texturing.bake import validate_texture_size
 
@@ -192,7 +201,9 @@ def main(argv=None) -> None:
     demo = build_demo(loader, args.output_dir, tiny=args.tiny, max_bytes=args.max_output_gb * 1e9,
                       max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue,
                       texture_size=args.texture_size)
-    demo.launch(share=args.share, **launch_kwargs())
+    demo.launch(share=args.share, prevent_thread_lock=True, **launch_kwargs(mcp=args.mcp))
+    offer_tools(demo)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -91,9 +91,10 @@ def folder_bytes(folder: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # The live server
 # ---------------------------------------------------------------------------------------------
-def test_two_public_endpoints_with_named_parameters(client):
+def test_the_public_endpoints_have_named_parameters(client):
+    """The page's generate and variants; the MCP tools' JSON endpoints (tests/test_mcp.py)."""
     api = client.view_api(return_format="dict", print_info=False)
-    assert sorted(api["named_endpoints"]) == ["/generate", "/variants"]
+    assert sorted(api["named_endpoints"]) == ["/generate", "/mcp_generate", "/mcp_variants", "/variants"]
     assert not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]] == PARAMETERS
     assert [p["parameter_name"] for p in api["named_endpoints"]["/variants"]["parameters"]] == \

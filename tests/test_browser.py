@@ -179,6 +179,56 @@ def test_a_link_opened_while_the_model_loads_ends_with_the_model(tmp_path_factor
         assert "Error" not in page.locator("#model3d").inner_text()
 
 
+def on_first_screen(page, selector: str) -> float:
+    """Fraction of the element's height inside the viewport as it is (no scrolling is done here)."""
+    box = page.locator(selector).first.bounding_box()
+    top, bottom = max(box["y"], 0.0), min(box["y"] + box["height"], page.viewport_size["height"])
+    return max(0.0, bottom - top) / box["height"]
+
+
+@pytest.mark.timeout(240)
+def test_on_a_phone_a_shared_link_opens_on_the_mesh(app_server, browser):
+    """390 x 844 with touch: once the linked result has arrived, the 3D view is on the first screen
+    (the prompt and Generate above it), the downloads compact, the details short; at 1280 x 800 the
+    form stays left of the viewer, both on the first screen."""
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    link = app_server.url + "?" + urllib.parse.urlencode({"prompt": "a lighthouse on a rock", "seed": 390,
+                                                          "resolution": 128})
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    try:
+        page = phone.new_page()
+        page.goto(link)
+        wait_for_result(page, seed=390)
+        expect(page.locator("#model3d canvas").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "phone-link-page.png"))
+        assert page.evaluate("window.scrollY") == 0
+        shown = on_first_screen(page, "#model3d")
+        assert shown >= 0.8, f"{shown:.0%} of the 3D view is on a phone's first screen"
+        assert mesh_coverage(page, "phone-link") > 0.03
+        viewer = page.locator("#model3d").bounding_box()
+        assert page.locator("#generate").bounding_box()["y"] < viewer["y"]  # a new prompt is at hand
+        rows = {round(page.locator(f"#download-{kind}").bounding_box()["y"]) for kind in ("glb", "obj", "ply", "stl")}
+        assert len(rows) <= 2, f"the four downloads take {len(rows)} rows"
+        assert page.locator("#details").bounding_box()["height"] <= 200  # folded to a few lines
+        assert page.locator("#details").bounding_box()["y"] > viewer["y"] + viewer["height"]
+    finally:
+        phone.close()
+    desktop = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = desktop.new_page()
+        page.goto(link)
+        wait_for_result(page, seed=390)
+        page.screenshot(path=str(ARTIFACTS / "desktop-link-page.png"))
+        prompt, viewer = page.locator("#prompt").bounding_box(), page.locator("#model3d").bounding_box()
+        assert prompt["x"] + prompt["width"] <= viewer["x"] and abs(prompt["y"] - viewer["y"]) < 10  # side by side
+        assert on_first_screen(page, "#model3d") == 1.0 and viewer["height"] == 440
+        assert page.locator("#details").bounding_box()["y"] > viewer["y"] + viewer["height"]
+    finally:
+        desktop.close()
+
+
 def history_captions(page) -> list[str]:
     return page.locator("#history .caption-label").all_inner_texts()
 

@@ -1,4 +1,4 @@
-"""The Gradio handlers: requests in, component values out; the only module of ``web`` that imports Gradio.
+"""The Gradio handlers: requests in, component values out; with ``tools`` (the MCP tools), the only Gradio in ``web``.
 
 How requests flow through Gradio's own queue (``app.py`` wires it):
 
