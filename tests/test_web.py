@@ -1,6 +1,7 @@
 """The web app's parts without a server: input parsing, the result store's rules, the generation
-service and the Gradio handlers on stub pipelines (loading, failures, out of memory, no surface,
-stored results answered before queueing), device placement."""
+service and the Gradio handlers on stub pipelines (loading, failures, no surface, stored results
+answered before queueing), device placement. Out of memory, the Hub failing, each visitor's share
+and the request log: tests/test_operations.py."""
 
 from __future__ import annotations
 
@@ -344,20 +345,6 @@ def test_examples_follow_the_weights(tmp_path):
     assert [o[1]["cached"] for o in shown["adapter-a"]] == [False, True] == [o[1]["cached"] for o in shown["adapter-b"]]
     assert shown["adapter-a"][0][0] != shown["adapter-b"][0][0] and all(p.calls == 1 for p in pipes.values())
     assert shown["adapter-a"][1][2] == settings.EXAMPLE_SEED
-
-
-def test_cuda_out_of_memory_is_a_clear_error_and_the_app_recovers(tmp_path):
-    outcomes = [torch.cuda.OutOfMemoryError("CUDA out of memory"), None]
-
-    def run(prompts, seeds):
-        if (outcome := outcomes.pop(0)) is not None:
-            raise outcome
-        return sphere_output(prompts, seeds)
-
-    handlers = handlers_for(tmp_path, StubPipe(run))
-    with pytest.raises(gr.Error, match="ran out of memory"):
-        call(handlers)
-    assert call(handlers)[1]["cached"] is False
 
 
 def test_no_surface_is_a_clear_error(tmp_path):

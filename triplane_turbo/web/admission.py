@@ -46,9 +46,11 @@ def visitor_of(request, session_hash: str | None = None) -> str | None:
             address = ipaddress.ip_address(host)
         except ValueError:
             return str(host)
-        if address.version == 6 and address.ipv4_mapped is None:
-            return str(ipaddress.ip_network(f"{address}/64", strict=False))
-        return str(address.ipv4_mapped or address)
+        if address.version == 4:
+            return str(address)
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return session_hash or getattr(request, "session_hash", None) or None
 
 
@@ -67,11 +69,12 @@ class VisitorHasher:
 
 
 def trust_space_proxy(environ=os.environ) -> bool:
-    """On a Hugging Face Space (``SPACE_ID`` set), unless the operator set ``FORWARDED_ALLOW_IPS``:
+    """On a Hugging Face Space (``SYSTEM=spaces`` and ``SPACE_ID``, as Gradio's ``get_space`` reads them),
+    unless the operator set ``FORWARDED_ALLOW_IPS``:
     trust ``X-Forwarded-For`` from private addresses, where the Space's proxy connects from (without
     it, every visitor has the proxy's address and shares one visitor's quota). Must run before the
     server starts (uvicorn reads the variable then). Returns whether it changed anything."""
-    if not environ.get("SPACE_ID") or "FORWARDED_ALLOW_IPS" in environ:
+    if environ.get("SYSTEM") != "spaces" or not environ.get("SPACE_ID") or "FORWARDED_ALLOW_IPS" in environ:
         return False
     environ["FORWARDED_ALLOW_IPS"] = PRIVATE_NETWORKS
     return True

@@ -1,7 +1,7 @@
 """The operator's view: one log line per request, on the logger ``triplane_turbo.requests`` (INFO).
 
-    request event=generate outcome=made visitor=3f9a1c07be queue_wait_s=0.41 total_s=2.37 results=1 made=1
-        size_bytes=4513201 faces=40112 stages_s=text:0.012,denoise:0.52,decode:0.08,...,export:0.21
+    request event=generate outcome=made visitor=db4d7fd1ee queue_wait_s=8.36 total_s=1.08 results=1 made=1
+        size_bytes=4771551 faces=38956 resolution=128 stages_s=text:0.004,denoise:0.299,...,export:0.216
 
 ``event``: generate, example, variants, pick (a variant's preview), history (a history entry).
 ``outcome``: stored (answered from the store), made (at least one result made now), failed (with
@@ -9,7 +9,7 @@
 share: the visitor already has its share waiting; busy: the queue is full) or invalid (``field=``).
 ``visitor`` is a keyed hash of the visitor's address (``admission.VisitorHasher``), never the address;
 ``queue_wait_s`` the time in Gradio's queue (0 for a result answered before queueing, ``-`` if not
-known); ``stages_s`` the record's seconds per stage (for variants the batch's; the texture summed over
+known) and ``total_s`` the handler's own time (neither on refused or invalid lines); ``stages_s`` the record's seconds per stage (for variants the batch's; the texture summed over
 its results); ``size_bytes`` what its results occupy on disk. No prompt, no seed: those stay in the
 store's records.
 """
@@ -67,8 +67,9 @@ class RequestLine:
         made = sum(bool(getattr(e, "fresh", False)) for e in self.entries)
         if outcome == "done":
             outcome = "made" if made else "stored"
-        fields = {"event": self.event, "outcome": outcome, "visitor": self.visitor,
-                  "queue_wait_s": _seconds(self.queue_wait), "total_s": _seconds(time.perf_counter() - self.started)}
+        fields = {"event": self.event, "outcome": outcome, "visitor": self.visitor}
+        if outcome not in ("refused", "invalid"):  # those are answered before queueing, at once
+            fields.update(queue_wait_s=_seconds(self.queue_wait), total_s=_seconds(time.perf_counter() - self.started))
         if self.entries:
             stages = stage_seconds(self.entries)
             fields.update(results=len(self.entries), made=made, size_bytes=sum(map(entry_bytes, self.entries)),
