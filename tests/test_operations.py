@@ -303,8 +303,9 @@ def test_a_hub_failure_that_will_not_pass_is_not_tried_again_and_giving_up_says_
 # The request log
 # ---------------------------------------------------------------------------------------------
 def test_one_log_line_per_request_with_what_an_operator_needs_and_no_address(tmp_path, caplog):
-    handlers = Handlers(GenerationService(ModelLoader.loaded(StubPipe(sphere_output)), ResultStore(tmp_path / "outputs"),
-                                          texture_size=64))
+    service = GenerationService(ModelLoader.loaded(StubPipe(sphere_output)), ResultStore(tmp_path / "outputs"),
+                                texture_size=64)
+    handlers = Handlers(service)
     visitor = request_from("198.51.100.23")
     caplog.set_level(logging.INFO, "triplane_turbo.requests")
     last(handlers.generate("a chair", 3, False, 128, texture="uv", request=visitor, progress=Progress()))

@@ -151,17 +151,16 @@ class GpuAdmission:
         waiting until ``started``; else why not. ``visitor`` None (unknown): bounded in all only."""
         with self._lock:
             self._resynchronise()
+            if (waiting := self.waiting()) >= self.max_queue:  # first: a full queue refuses everyone alike
+                return Refusal("busy", (
+                    f"The server is busy: {waiting} requests are waiting for the GPU. Please try again in a minute "
+                    "(stored results, such as shared links, are still answered at once)."))
             if visitor is not None and (mine := self.waiting(visitor)) >= self.max_per_visitor:
                 return Refusal("share", (
                     f"You already have {mine} request{'s' * (mine != 1)} waiting for the GPU, the most one visitor "
                     f"may have waiting at a time ({self.max_per_visitor}). Please wait for "
                     f"{'them' if mine != 1 else 'it'} to finish, then try again (stored results, such as shared "
                     "links, are still answered at once)."))
-            waiting = self.waiting()
-            if waiting >= self.max_queue:
-                return Refusal("busy", (
-                    f"The server is busy: {waiting} requests are waiting for the GPU. Please try again in a minute "
-                    "(stored results, such as shared links, are still answered at once)."))
             self._pending += 1
             if visitor is not None:
                 self._pending_by[visitor] += 1

@@ -11,8 +11,9 @@ The request that needs the model waits for the phase it needs (with a progress l
 bytes where there are some) instead of failing while the model loads; a failure becomes one clear
 message for every later request. A fetch that fails in a way that may pass (the Hub unreachable or
 answering 5xx/429) is tried again with growing pauses (``RetryPolicy``); meanwhile the page's status
-line and every request say what failed and when the next try is. ``make_loader`` picks the weights, the device and the dtype, with
-ZeroGPU's rules (``spaces``: build at start-up on the main thread, ``.to("cuda")`` before launch).
+line and every request say what failed and when the next try is. ``make_loader`` picks the weights,
+the device and the dtype, with ZeroGPU's rules (``spaces``: build at start-up on the main thread,
+``.to("cuda")`` before launch).
 """
 
 from __future__ import annotations
@@ -316,5 +317,5 @@ def make_loader(tiny: bool, device: str, zero_gpu: bool = False):
     return loader, baking.get("fields")
 
 
-__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "RetryPolicy", "may_pass", "gpu_seconds", "make_loader", "pick_device",
-           "speed_note"]
+__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "RetryPolicy", "gpu_seconds", "make_loader", "may_pass",
+           "pick_device", "speed_note"]

@@ -9,8 +9,9 @@
 share: the visitor already has its share waiting; busy: the queue is full) or invalid (``field=``).
 ``visitor`` is a keyed hash of the visitor's address (``admission.VisitorHasher``), never the address;
 ``queue_wait_s`` the time in Gradio's queue (0 for a result answered before queueing, ``-`` if not
-known) and ``total_s`` the handler's own time (neither on refused or invalid lines); ``stages_s`` the record's seconds per stage (for variants the batch's; the texture summed over
-its results); ``size_bytes`` what its results occupy on disk. No prompt, no seed: those stay in the
+known) and ``total_s`` the handler's own time (neither on refused or invalid lines); ``stages_s``
+the record's seconds per stage (for variants the batch's; the texture summed over its results);
+``size_bytes`` what its results occupy on disk. No prompt, no seed: those stay in the
 store's records.
 """
 
