@@ -10,7 +10,8 @@ share: the visitor already has its share waiting; busy: the queue is full) or in
 ``visitor`` is a keyed hash of the visitor's address (``admission.VisitorHasher``), never the address;
 ``queue_wait_s`` the time in Gradio's queue (0 for a result answered before queueing, ``-`` if not
 known) and ``total_s`` the handler's own time (neither on refused or invalid lines); ``stages_s``
-the record's seconds per stage (for variants the batch's; the texture summed over its results);
+the records' seconds per stage (for variants the batch's, the texture summed over its results; for
+a stored result, what it took when it was made);
 ``size_bytes`` what its results occupy on disk. No prompt, no seed: those stay in the
 store's records.
 """
