@@ -23,6 +23,7 @@ import gradio as gr
 
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
                                 gpu_seconds, make_loader, pick_device, speed_note)
+from triplane_turbo.web.admission import trust_space_proxy
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 from triplane_turbo.web.tools import Tools, offer_tools
@@ -46,14 +47,14 @@ def on_zero_gpu() -> bool:
 
 
 def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes: float = 2e9,
-               max_age_s: float = 86400.0, bake_fields=None, max_queue: int = 64,
+               max_age_s: float = 86400.0, bake_fields=None, max_queue: int = 64, max_waiting_per_client: int = 2,
                texture_size: int = DEFAULT_TEXTURE_SIZE) -> gr.Blocks:
     """The app's Blocks, queued but not launched."""
     store = ResultStore(output_dir, max_bytes, max_age_s)
     store.enforce_limits()
     on_device = (lambda fn: spaces.GPU(duration=gpu_seconds)(fn)) if spaces is not None else None
     service = GenerationService(loader, store, bake_fields=bake_fields, on_device=on_device, texture_size=texture_size)
-    handlers = Handlers(service, max_queue)
+    handlers = Handlers(service, max_queue, max_waiting_per_client)
     gr.set_static_paths(store.served)  # results are served in place; nothing else is
 
     with gr.Blocks(title="TriplaneTurbo: instant text-to-mesh") as demo:
@@ -167,12 +168,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="evict results older than this (default 24)")
     parser.add_argument("--max-queue", type=int, default=int(env("TRIPLANE_TURBO_MAX_QUEUE", 64)),
                         help="requests that may wait for the GPU; more are told to try again (default 64)")
+    parser.add_argument("--max-waiting-per-client", type=int,
+                        default=int(env("TRIPLANE_TURBO_MAX_WAITING_PER_CLIENT", 2)),
+                        help="requests of one visitor (client address) that may wait for the GPU at a time; more "
+                             "are told to wait for theirs (default 2)")
     parser.add_argument("--texture-size", type=int, default=int(env("TRIPLANE_TURBO_TEXTURE_SIZE", DEFAULT_TEXTURE_SIZE)),
                         help=f"side of the baked textures, 64-4096 (default {DEFAULT_TEXTURE_SIZE})")
     parser.add_argument("--no-mcp", dest="mcp", action="store_false",
                         default=env("TRIPLANE_TURBO_MCP", "1").lower() not in ("0", "false", "no", "off"),
                         help="do not serve MCP at /gradio_api/mcp/ (env TRIPLANE_TURBO_MCP=0; on by default)")
     args = parser.parse_args(argv)
+    for name in ("max_queue", "max_waiting_per_client"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     from triplane_turbo.texturing.bake import validate_texture_size
 
     try:
@@ -200,7 +208,10 @@ def main(argv=None) -> None:
     logging.getLogger("triplane_turbo.app").info(loader.describe)
     demo = build_demo(loader, args.output_dir, tiny=args.tiny, max_bytes=args.max_output_gb * 1e9,
                       max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue,
-                      texture_size=args.texture_size)
+                      max_waiting_per_client=args.max_waiting_per_client, texture_size=args.texture_size)
+    if trust_space_proxy():  # before launch(): uvicorn reads it then
+        logging.getLogger("triplane_turbo.app").info("on a Space: client addresses from X-Forwarded-For of %s",
+                                                     os.environ["FORWARDED_ALLOW_IPS"])
     demo.launch(share=args.share, prevent_thread_lock=True, **launch_kwargs(mcp=args.mcp))
     offer_tools(demo)
     demo.block_thread()

@@ -90,6 +90,10 @@ APP_OUTPUT_MAX_BYTES = 40_000_000
 #: Requests that may wait for the GPU on the test server: a bound that tests/test_app.py's crowd of a
 #: hundred fills; no other test has more than three requests in flight.
 APP_MAX_QUEUE = 8
+#: Requests of one visitor that may wait for the GPU on the test servers: every test request comes
+#: from one address (loopback), so here one visitor may fill the whole queue. Each visitor's share
+#: (the app's default, 2) is tested on a server of its own (tests/test_operations.py).
+APP_MAX_WAITING_PER_CLIENT = APP_MAX_QUEUE
 
 
 @dataclass
@@ -126,6 +130,7 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
            "TRIPLANE_TURBO_OUTPUT_DIR": str(output_dir),
            "TRIPLANE_TURBO_OUTPUT_MAX_GB": str(APP_OUTPUT_MAX_BYTES / 1e9),
            "TRIPLANE_TURBO_MAX_QUEUE": str(APP_MAX_QUEUE),
+           "TRIPLANE_TURBO_MAX_WAITING_PER_CLIENT": str(APP_MAX_WAITING_PER_CLIENT),
            "TRIPLANE_TURBO_TEXTURE_SIZE": str(APP_TEXTURE_SIZE),
            "TMPDIR": str(tmpdir), "GRADIO_TEMP_DIR": str(tmpdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
@@ -166,7 +171,8 @@ LONGEST_HOLD_SECONDS = 600
 
 
 @contextmanager
-def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True, hold_bake: bool = False):
+def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True, hold_bake: bool = False,
+             max_waiting_per_client: int = APP_MAX_WAITING_PER_CLIENT):
     """The app's page (``app.build_demo`` on the tiny model, as ``app.py --tiny`` builds it) served from
     this process, whose model load (which then fails with ``fail``, if given) and/or texture bakes
     wait until the test calls ``release(server, "load" | "bake")``: handed out the moment the page
@@ -215,7 +221,8 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
         try:
             loader, bake_fields = make_loader(True, "cpu")
             demo = app.build_demo(loader, output_dir, tiny=True, max_bytes=APP_OUTPUT_MAX_BYTES,
-                                  bake_fields=bake_fields, texture_size=APP_TEXTURE_SIZE)
+                                  bake_fields=bake_fields, texture_size=APP_TEXTURE_SIZE,
+                                  max_waiting_per_client=max_waiting_per_client)
             port = free_port()
             demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                         **app.launch_kwargs())

@@ -1,6 +1,7 @@
 """The web app's parts without a server: input parsing, the result store's rules, the generation
-service and the Gradio handlers on stub pipelines (loading, failures, out of memory, no surface,
-stored results answered before queueing), device placement."""
+service and the Gradio handlers on stub pipelines (loading, failures, no surface, stored results
+answered before queueing), device placement. Out of memory, the Hub failing, each visitor's share
+and the request log: tests/test_operations.py."""
 
 from __future__ import annotations
 
@@ -346,20 +347,6 @@ def test_examples_follow_the_weights(tmp_path):
     assert shown["adapter-a"][1][2] == settings.EXAMPLE_SEED
 
 
-def test_cuda_out_of_memory_is_a_clear_error_and_the_app_recovers(tmp_path):
-    outcomes = [torch.cuda.OutOfMemoryError("CUDA out of memory"), None]
-
-    def run(prompts, seeds):
-        if (outcome := outcomes.pop(0)) is not None:
-            raise outcome
-        return sphere_output(prompts, seeds)
-
-    handlers = handlers_for(tmp_path, StubPipe(run))
-    with pytest.raises(gr.Error, match="ran out of memory"):
-        call(handlers)
-    assert call(handlers)[1]["cached"] is False
-
-
 def test_no_surface_is_a_clear_error(tmp_path):
     empty = StubPipe(lambda prompts, seeds: TriplaneTurboOutput([trimesh.Trimesh()], torch.zeros(1), None, seeds, {}))
     with pytest.raises(gr.Error, match="no surface for this seed"):
@@ -407,7 +394,7 @@ def test_variants_whose_only_missing_seed_has_no_surface_return_the_others(tmp_p
 
 def test_validators_answer_bad_inputs_and_a_full_queue(tmp_path):
     handlers = handlers_for(tmp_path, StubPipe(sphere_output))
-    handlers.max_queue = 2
+    handlers.admission.max_queue = 2
     verdicts = handlers.validate_generate("a chair", "--5", False, 128)
     assert [v["is_valid"] for v in verdicts] == [True, False] + [True] * 6 and "whole number" in verdicts[1]["message"]
     call(handlers, seed=1)
@@ -528,11 +515,11 @@ def test_the_gpu_backlog_is_read_from_gradios_queue(tmp_path):
     loader = ModelLoader.loaded(StubPipe(sphere_output))
     demo = webapp.build_demo(loader, tmp_path / "outputs", max_queue=3)
     handlers = next(fn.fn.__self__ for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    assert handlers.gpu_backlog() == 0
+    assert handlers.admission.backlog() == 0
     waiting = EventQueue(handlers_module.GPU_GROUP, 1)
     waiting.queue.extend(["event"] * 3)
     demo._queue.event_queue_per_concurrency_id[handlers_module.GPU_GROUP] = waiting
-    assert handlers.gpu_backlog() == 3
+    assert handlers.admission.backlog() == 3
     busy = handlers.validate_generate("a chair", 5, False, 128)
     assert not busy[0]["is_valid"] and "3 requests are waiting" in busy[0]["message"]
 
@@ -552,9 +539,9 @@ def test_a_burst_fills_the_queue_to_its_bound_and_no_further(tmp_path, monkeypat
         if all(v["is_valid"] for v in handlers.validate_generate("a chair", seed, False, 128, texture="vertex")):
             let_in += 1
             queue.queue.append(f"event {seed}")
-    assert let_in == 5 and handlers.waiting() == 5
+    assert let_in == 5 and handlers.admission.waiting() == 5
     queue.queue[:] = queue.queue[:2]  # two start in turn ... and three visitors left while queued
     monkeypatch.setattr(time, "monotonic", lambda: 1e9)  # long after they were let in
-    handlers._started()
-    assert handlers.waiting() == 2
+    handlers.admission.started(None)
+    assert handlers.admission.waiting() == 2
     assert all(v["is_valid"] for v in handlers.validate_generate("a chair", 99, False, 128, texture="vertex"))

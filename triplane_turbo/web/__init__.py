@@ -4,6 +4,8 @@
 * ``store`` — the results on disk, bounded, in a folder of the app's own;
 * ``models`` — loading the model once, the device and dtype, ZeroGPU's rules;
 * ``service`` — lookup, make, bake, preview, store (no Gradio; a plain progress callable);
+* ``admission`` — who may wait for the GPU: the queue's bound and each visitor's share;
+* ``requestlog`` — one log line per request, for the operator;
 * ``handlers`` — Gradio's side: validators, handlers, queue behaviour, errors as messages;
 * ``tools`` — the MCP tools (``generate``, ``variants``): the same admission and service, JSON answers.
 """

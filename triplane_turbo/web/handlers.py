@@ -6,26 +6,28 @@ How requests flow through Gradio's own queue (``app.py`` wires it):
   example) is in one concurrency group, ``GPU_GROUP``, with ``concurrency_limit=1``: Gradio queues
   them, shows each visitor its real position, and no worker thread sleeps on a lock.
 * Before queueing, Gradio runs the event's **validator** (bad inputs are answered at once, and a
-  request that is not stored while ``max_queue`` others wait is answered "busy, try again"), then
+  request that is not stored is let in only while fewer than ``max_queue`` requests in all, and
+  fewer than ``max_waiting_per_client`` of its visitor's, wait for the GPU: ``admission``), then
   asks the handler whether the answer is already stored (``answers_from_store``: the protocol of
   ``gr.cache``, whose hits bypass the queue). A stored result — a shared link, a history click, an
   example — is therefore answered at once even while a crowd waits for the GPU.
+* Every request ends in one line on the ``triplane_turbo.requests`` logger (``requestlog``).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import gradio as gr
 from gradio.caching import CacheMissError
 
+from .admission import GPU_GROUP, GpuAdmission, VisitorHasher, visitor_of
 from .models import ModelNotReadyError
+from .requestlog import RequestLine
 from .service import FirstLook, GenerationError, GenerationService, Stored
 from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, HISTORY_SIZE, InputError, Settings,
                        inputs_from_link, settings_from_entry, settings_from_inputs, texture_label, variant_settings)
@@ -33,8 +35,6 @@ from .store import Entry, checked_thumbnail, read_image, thumbnail_jpeg
 
 logger = logging.getLogger("triplane_turbo.app")
 
-#: The concurrency group of every event that may run the networks.
-GPU_GROUP = "gpu"
 GENERATE_PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify",
                        "target_faces", "texture"]
 VARIANT_PARAMETERS = ["prompt", "seed", "count", "mesh_resolution"]
@@ -99,55 +99,65 @@ class Handlers:
         service: the generation service.
         max_queue: requests that may wait for the GPU; beyond it a new (not stored) request is
             answered "busy, try again" at once.
+        max_waiting_per_client: requests of one visitor that may wait for the GPU at a time; beyond
+            it the visitor is told so at once (``admission``).
     """
 
-    #: Seconds within which a request let in may not show in Gradio's queue yet (the validator runs
-    #: just before the event is appended; this only bounds the resynchronisation in ``_started``).
-    ADMISSION_WINDOW = 2.0
+    def __init__(self, service: GenerationService, max_queue: int = 64, max_waiting_per_client: int = 2):
+        self.service = service
+        self.admission = GpuAdmission(max_queue, max_waiting_per_client)
+        self.hash_visitor = VisitorHasher()
 
-    def __init__(self, service: GenerationService, max_queue: int = 64):
-        self.service, self.max_queue = service, max_queue
-        self.demo: gr.Blocks | None = None  # set by app.py once built: the GPU queue's length is read from it
-        self._pending = 0  # requests let in to the GPU queue that have not started yet
-        self._admitted: deque[float] = deque()  # when the recent ones were let in
-        self._lock = threading.Lock()
+    @property
+    def demo(self) -> gr.Blocks | None:
+        """The Blocks whose queue holds the GPU events (set by app.py once built)."""
+        return self.admission.demo
 
-    # -- the queue ---------------------------------------------------------------------------------
-    def gpu_backlog(self) -> int:
-        """Requests waiting in the GPU group of Gradio's queue (not counting the running one)."""
-        queue = getattr(self.demo, "_queue", None)
-        waiting = getattr(queue, "event_queue_per_concurrency_id", {}).get(GPU_GROUP)
-        return len(waiting.queue) if waiting is not None else 0
+    @demo.setter
+    def demo(self, blocks: gr.Blocks | None) -> None:
+        self.admission.demo = blocks
 
-    def waiting(self) -> int:
-        """Requests waiting for the GPU: those let in and not started yet (validators run before Gradio
-        appends an event, so a burst is counted as it arrives), and never fewer than Gradio's queue holds."""
-        return max(self.gpu_backlog(), self._pending)
+    # -- the queue and the log -----------------------------------------------------------------------
+    def _line(self, event: str, request) -> RequestLine:
+        return RequestLine(event, self.hash_visitor(visitor_of(request)))
 
-    def _busy(self, batch: list[Settings], storable: bool = True) -> str | None:
-        """The "busy" answer for a request that would wait behind ``max_queue`` others, else None
-        (and the request is counted as waiting until its handler starts)."""
+    def _busy(self, event: str, batch: list[Settings], request, storable: bool = True) -> str | None:
+        """The answer for a request that may not wait for the GPU now (its visitor's share or the
+        whole queue is full), else None (and it counts as waiting until its handler starts)."""
         if storable and all(self.service.stored(s) for s in batch):
             return None  # answered from the store, never queued
-        with self._lock:
-            waiting = self.waiting()
-            if waiting < self.max_queue:
-                self._pending += 1
-                self._admitted.append(time.monotonic())
-                return None
-        return (f"The server is busy: {waiting} requests are waiting for the GPU. Please try again in a minute "
-                "(stored results, such as shared links, are still answered at once).")
+        refusal = self.admission.admit(visitor_of(request))
+        if refusal is None:
+            return None
+        self._line(event, request).write("refused", reason=refusal.reason)
+        return refusal.message
 
-    def _started(self) -> None:
-        """A GPU event's handler begins: one request fewer waits. Requests let in that never start (the
-        visitor left while queued, or the result turned up stored before queueing) are dropped from
-        the count here too: it can never exceed Gradio's queue plus what was let in just now."""
-        with self._lock:
-            self._pending = max(0, self._pending - 1)
-            now = time.monotonic()
-            while self._admitted and now - self._admitted[0] > self.ADMISSION_WINDOW:
-                self._admitted.popleft()
-            self._pending = min(self._pending, self.gpu_backlog() + len(self._admitted))
+    @contextmanager
+    def _logged(self, event: str, request, started: float, probe: bool):
+        """A GPU event's handler: unless probing, it has begun (no longer waits for the GPU); its log
+        line is written when the block ends however it ends (nothing when probing fails: the request
+        is then queued, and logged when it runs)."""
+        line = self._line(event, request)
+        line.started = started
+        if probe:
+            line.queue_wait = 0.0  # answered before queueing, if at all
+        else:
+            self.admission.started(visitor_of(request))
+            line.queue_wait = self.admission.queue_wait()
+        try:
+            yield line
+        except GeneratorExit:
+            line.write("cancelled")
+            raise
+        except Exception as exc:
+            if not probe:  # while probing, any failure means "queue it" (see user_errors)
+                line.write("failed", error=type(exc).__name__)
+            raise
+        line.write("done")
+
+    def _invalid(self, event: str, request, fields: list[str], exc: InputError) -> list:
+        self._line(event, request).write("invalid", field=exc.field)
+        return self._verdict(fields, exc.field, str(exc))
 
     @staticmethod
     def _verdict(fields: list[str], failed: str | None = None, message: str = "") -> list:
@@ -156,41 +166,44 @@ class Handlers:
 
     # -- validators: run before queueing --------------------------------------------------------------
     def validate_generate(self, prompt, seed, randomize_seed, mesh_resolution, remove_floaters=False,
-                          simplify=False, target_faces=DEFAULT_FACES, texture="uv"):
+                          simplify=False, target_faces=DEFAULT_FACES, texture="uv", request: gr.Request = None):
         try:
             settings, _ = settings_from_inputs(prompt, seed, randomize_seed, mesh_resolution, remove_floaters,
                                                simplify, target_faces, texture)
         except InputError as exc:
-            return self._verdict(GENERATE_PARAMETERS, exc.field, str(exc))
-        busy = self._busy([settings], storable=randomize_seed is not True)  # a fresh random seed is never stored
+            return self._invalid("generate", request, GENERATE_PARAMETERS, exc)
+        # a fresh random seed is never stored
+        busy = self._busy("generate", [settings], request, storable=randomize_seed is not True)
         return self._verdict(GENERATE_PARAMETERS, "prompt" if busy else None, busy or "")
 
-    def validate_variants(self, prompt, seed, count, mesh_resolution):
+    def validate_variants(self, prompt, seed, count, mesh_resolution, request: gr.Request = None):
         try:
             batch, _ = variant_settings(prompt, seed, count, mesh_resolution)
         except InputError as exc:
-            return self._verdict(VARIANT_PARAMETERS, exc.field, str(exc))
-        busy = self._busy(batch)
+            return self._invalid("variants", request, VARIANT_PARAMETERS, exc)
+        busy = self._busy("variants", batch, request)
         return self._verdict(VARIANT_PARAMETERS, "prompt" if busy else None, busy or "")
 
-    def validate_example(self, prompt):
+    def validate_example(self, prompt, request: gr.Request = None):
         try:
             settings, _ = settings_from_inputs(prompt, EXAMPLE_SEED, False, DEFAULT_RESOLUTION)
         except InputError as exc:
+            self._line("example", request).write("invalid", field=exc.field)
             return [gr.validate(False, str(exc))]
-        busy = self._busy([settings])
+        busy = self._busy("example", [settings], request)
         return [gr.validate(busy is None, busy or "")]
 
-    def validate_pick(self, entries):
+    def validate_pick(self, entries, request: gr.Request = None):
         """A click on a variant or a history entry (which one is not known yet): let in when every
-        entry of the list is stored or the GPU queue has room."""
+        entry of the list is stored or the GPU queue has room for the visitor."""
         batch = []
         for entry in entries if isinstance(entries, list) else history_entries(entries):
             try:
                 batch.append(settings_from_entry(entry))
             except InputError:
                 continue  # the handler says what is wrong with it
-        busy = self._busy(batch) if batch else None
+        event = "pick" if isinstance(entries, list) else "history"
+        busy = self._busy(event, batch, request) if batch else None
         return [gr.validate(busy is None, busy or "")]
 
     # -- generate ------------------------------------------------------------------------------------
@@ -200,39 +213,40 @@ class Handlers:
         """Text to a textured mesh: the GLB, the details, the seed used, the GLB/OBJ(zip)/PLY/STL files and a
         link that reproduces the result. A new mesh is shown first with vertex colours while its texture bakes."""
         started, probe = time.perf_counter(), probing()
-        with user_errors(probe):
+        with user_errors(probe), self._logged("generate", request, started, probe) as line:
             settings, notes = settings_from_inputs(prompt, seed, randomize_seed, mesh_resolution, remove_floaters,
                                                    simplify, target_faces, texture)
-        if not probe:
-            for note in notes:
-                gr.Warning(note)
-        yield from self._show(settings, request, progress, started, probe)
+            if not probe:
+                for note in notes:
+                    gr.Warning(note)
+            yield from self._show(settings, request, progress, line, probe)
 
     @answers_from_store
     def generate_example(self, prompt, request: gr.Request = None, progress=gr.Progress()):
         """An example prompt with the example seed and the default settings (stored after its first time)."""
         started, probe = time.perf_counter(), probing()
-        with user_errors(probe):
+        with user_errors(probe), self._logged("example", request, started, probe) as line:
             settings, _ = settings_from_inputs(prompt, EXAMPLE_SEED, False, DEFAULT_RESOLUTION)
-        yield from self._show(settings, request, progress, started, probe)
+            yield from self._show(settings, request, progress, line, probe)
 
-    def _show(self, settings: Settings, request, progress, started: float, probe: bool):
-        """generate()'s outputs for ``settings``: from the store at once, else made (first look, then the result)."""
-        with user_errors(probe):
-            if (entry := self.service.stored(settings)) is not None:
-                yield self._outputs(entry, settings, request, True, started, warn=not probe)
-                return
-            if probe:
-                raise CacheMissError()
-            self._started()
-            report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
-            for event in self.service.produce([settings], report, fail_on_empty=True):
-                if isinstance(event, FirstLook):
-                    skip = [gr.skip()] * 6
-                    yield (str(event.glb), {"prompt": settings.prompt, "seed": settings.seed,
-                                            "status": "baking the texture…"}, settings.seed, *skip)
-                elif isinstance(event, Stored):
-                    yield self._outputs(event.entry, settings, request, not event.entry.fresh, started)
+    def _show(self, settings: Settings, request, progress, line: RequestLine, probe: bool):
+        """generate()'s outputs for ``settings``: from the store at once, else made (first look, then the
+        result). Called inside ``user_errors`` and ``_logged``."""
+        if (entry := self.service.stored(settings)) is not None:
+            line.entries.append(entry)
+            yield self._outputs(entry, settings, request, True, line.started, warn=not probe)
+            return
+        if probe:
+            raise CacheMissError()
+        report = lambda fraction, desc: progress(fraction, desc=desc)  # noqa: E731
+        for event in self.service.produce([settings], report, fail_on_empty=True):
+            if isinstance(event, FirstLook):
+                skip = [gr.skip()] * 6
+                yield (str(event.glb), {"prompt": settings.prompt, "seed": settings.seed,
+                                        "status": "baking the texture…"}, settings.seed, *skip)
+            elif isinstance(event, Stored):
+                line.entries.append(event.entry)
+                yield self._outputs(event.entry, settings, request, not event.entry.fresh, line.started)
 
     def _outputs(self, entry: Entry, settings: Settings, request, cached: bool, started: float,
                  warn: bool = True) -> tuple:
@@ -256,26 +270,25 @@ class Handlers:
     def variants(self, prompt, seed, count, mesh_resolution, request: gr.Request = None, progress=gr.Progress()):
         """`count` meshes (1-8) from seeds seed, seed+1, … in one GPU call: preview images (captioned with
         their seeds) and GLB files. Variant i is the result generate() gives for seed + i."""
-        probe = probing()
-        with user_errors(probe):
+        started, probe = time.perf_counter(), probing()
+        with user_errors(probe), self._logged("variants", request, started, probe) as line:
             batch, notes = variant_settings(prompt, seed, count, mesh_resolution)
             found = [self.service.stored(s) for s in batch]
             if probe and not all(found):
                 raise CacheMissError()
-            if not probe:
-                self._started()
             entries: dict[int, Entry] = {i: e for i, e in enumerate(found) if e is not None}
             if len(entries) < len(batch):
-                report = lambda fraction, line: progress(fraction, desc=line)  # noqa: E731
+                report = lambda fraction, desc: progress(fraction, desc=desc)  # noqa: E731
                 for event in self.service.produce(batch, report, fail_on_empty=False, first_look=False):
                     if isinstance(event, Stored):
                         entries[event.index] = event.entry
+            line.entries = [entries[i] for i in sorted(entries)]
+            if not entries:
+                raise GenerationError(f"The model produced no surface for any of the seeds {batch[0].seed}…"
+                                      f"{batch[-1].seed}; try other seeds or another prompt.")
         if not probe:
             for note in notes:
                 gr.Warning(note)
-        if not entries:
-            raise gr.Error(f"The model produced no surface for any of the seeds {batch[0].seed}…{batch[-1].seed}; "
-                           "try other seeds or another prompt.")
         if missing := [s.seed for i, s in enumerate(batch) if i not in entries]:
             gr.Warning(f"No surface for seed{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}: left out.")
         made = [(entries[i], s) for i, s in enumerate(batch) if i in entries]
@@ -289,12 +302,12 @@ class Handlers:
                 settings.target_faces is not None, settings.target_faces or DEFAULT_FACES,
                 texture_label(settings.texture))  # the seed is among generate()'s outputs
 
-    def _open(self, settings_source, request, progress):
+    def _open(self, event: str, settings_source, request, progress):
         started, probe = time.perf_counter(), probing()
-        with user_errors(probe):
+        with user_errors(probe), self._logged(event, request, started, probe) as line:
             settings = settings_source()
-        for outputs in self._show(settings, request, progress, started, probe):
-            yield (*outputs, *self._entry_inputs(settings))
+            for outputs in self._show(settings, request, progress, line, probe):
+                yield (*outputs, *self._entry_inputs(settings))
 
     @answers_from_store
     def pick_variant(self, chosen, evt: gr.SelectData, request: gr.Request = None, progress=gr.Progress()):
@@ -304,7 +317,7 @@ class Handlers:
                 raise InputError("entry", "That variant is no longer available; make the variants again.")
             return settings_from_entry(chosen[evt.index])
 
-        yield from self._open(settings, request, progress)
+        yield from self._open("pick", settings, request, progress)
 
     @answers_from_store
     def pick_history(self, history, evt: gr.SelectData, request: gr.Request = None, progress=gr.Progress()):
@@ -315,7 +328,7 @@ class Handlers:
                 raise InputError("entry", "That history entry is gone.")
             return settings_from_entry(entries[evt.index])
 
-        yield from self._open(settings, request, progress)
+        yield from self._open("history", settings, request, progress)
 
     # -- the history, kept in the browser ----------------------------------------------------------------
     def remember(self, result, history):

@@ -9,15 +9,21 @@ runs, and in which dtype.
 
 The request that needs the model waits for the phase it needs (with a progress line, the download's
 bytes where there are some) instead of failing while the model loads; a failure becomes one clear
-message for every later request. ``make_loader`` picks the weights, the device and the dtype, with
-ZeroGPU's rules (``spaces``: build at start-up on the main thread, ``.to("cuda")`` before launch).
+message for every later request. A fetch that fails in a way that may pass (the Hub unreachable or
+answering 5xx/429) is tried again with growing pauses (``RetryPolicy``); meanwhile the page's status
+line and every request say what failed and when the next try is. ``make_loader`` picks the weights,
+the device and the dtype, with ZeroGPU's rules (``spaces``: build at start-up on the main thread,
+``.to("cuda")`` before launch).
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,6 +38,44 @@ GPU_SECONDS = {128: 20, 160: 25, 256: 40, 384: 60}
 
 class ModelNotReadyError(RuntimeError):
     """The weights could not be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Pauses between tries of a failed fetch: ``first_delay_s``, doubled each time up to
+    ``max_delay_s``; after ``tries`` failed tries the loader gives up (about 20 minutes by default)."""
+
+    first_delay_s: float = 5.0
+    max_delay_s: float = 300.0
+    tries: int = 10
+
+    def delay(self, failures: int) -> float | None:
+        """Seconds to wait after the ``failures``-th failed try, or None to give up."""
+        if failures >= self.tries:
+            return None
+        return min(self.first_delay_s * 2 ** (failures - 1), self.max_delay_s)
+
+
+def may_pass(exc: BaseException) -> bool:
+    """Whether trying a failed fetch again may succeed: not when the cause needs someone to act (the
+    repository or file does not exist, access is refused, HF_HUB_OFFLINE is set, the disk is full)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    permanent = (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError,
+                 OfflineModeIsEnabled, ValueError)  # ValueError: e.g. an incompatible base model
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if (isinstance(cause, permanent) or (isinstance(cause, HfHubHTTPError) and status in (400, 401, 403, 404))
+                or (isinstance(cause, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE)
+                or (isinstance(cause, OSError) and cause.errno == errno.ENOSPC)):
+            return False
+        cause = cause.__cause__ or cause.__context__
+    return True
 
 
 class _DownloadBars:
@@ -73,13 +117,18 @@ class ModelLoader:
         background: load in a thread (the page comes up at once) or right here (ZeroGPU: the
             weights must be on "cuda" before ``launch()``, from the main thread).
         describe: what loading means, for the page (e.g. the download size).
+        retry: when to try a failed fetch again (``may_pass`` says which failures are tried again).
+        sleep: waits between tries (tests pass their own).
     """
 
     def __init__(self, fetch: Callable[[type], str], build: Callable[[], object], *, device: str, dtype: str,
-                 background: bool = True, describe: str = "Loading the model…"):
+                 background: bool = True, describe: str = "Loading the model…", retry: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep):
         self.device, self.dtype, self.describe = device, dtype, describe
         self.pipe = self.revision = self.error = None
         self._fetch, self._build = fetch, build
+        self.retry, self._sleep = retry, sleep
+        self.failures, self._next_try = 0, 0.0  # failed fetches so far; when the next one starts (monotonic)
         self._fetched, self._built = threading.Event(), threading.Event()
         self._bars = _DownloadBars()
         self.phase = "fetching"
@@ -94,9 +143,29 @@ class ModelLoader:
         return cls(lambda _: pipe.revision, lambda: pipe, device=str(pipe.device.type),
                    dtype=str(pipe.dtype).removeprefix("torch."), background=False)
 
+    def _fetch_with_retries(self) -> str:
+        """The weights' revision, fetched; a failure that may pass is tried again after a pause."""
+        while True:
+            self.phase = "fetching"
+            try:
+                return self._fetch(self._bars.tqdm_class())
+            except Exception as exc:
+                self.failures += 1
+                if not may_pass(exc):
+                    raise
+                if (delay := self.retry.delay(self.failures)) is None:
+                    raise ModelNotReadyError(
+                        f"{exc} (gave up after {self.failures} tries; restart the app to try again: on a Space, "
+                        "“Restart this Space” in its settings)") from exc
+                logger.warning("getting the weights failed (try %d of %d), trying again in %.0f s: %s",
+                               self.failures, self.retry.tries, delay, exc)
+                self.error, self._next_try, self.phase = exc, time.monotonic() + delay, "retrying"
+            self._sleep(delay)
+
     def _load(self) -> None:
         try:
-            self.revision = self._fetch(self._bars.tqdm_class())
+            self.revision = self._fetch_with_retries()
+            self.error = None
             self._fetched.set()
             self.phase = "building"
             pipe = self._build()
@@ -126,9 +195,17 @@ class ModelLoader:
             return "Loading the model… reading the weights into memory"
         return "Loading the model…"
 
+    def _retrying(self) -> str:
+        seconds = max(0.0, self._next_try - time.monotonic())
+        return (f"getting the weights failed (try {self.failures} of {self.retry.tries}): {self.error} The app tries "
+                f"again in {seconds:.0f} s.")
+
     def _wait(self, event: threading.Event, report: Callable[[str], None] | None, poll: float = 0.5) -> None:
-        while not event.wait(poll):
-            if report:
+        """Until ``event``; a request waiting while a failed fetch waits for its next try is told so."""
+        while not event.is_set():
+            if self.phase == "retrying":
+                raise ModelNotReadyError(f"The model is not ready: {self._retrying()} Please try again in a minute.")
+            if not event.wait(poll) and report:
                 report(self.progress_line())
 
     def known_revision(self) -> str | None:
@@ -152,11 +229,15 @@ class ModelLoader:
 
     def status(self) -> str:
         """One line (Markdown) on the state of the model, for the page."""
-        if self.error is not None:
+        if self.phase == "failed":
             return f"**The model could not be loaded.** {self.error}"
         if self.ready():
             return f"Model ready (weights `{self.pipe.revision}`, {self.device}, {self.dtype})."
+        if self.phase == "retrying":
+            return f"**The model is not ready:** {self._retrying()} Requests made meanwhile are told so."
         detail = self._bars.describe() if self.phase == "fetching" else None
+        if self.failures and self.phase == "fetching":
+            detail = f"try {self.failures + 1} of {self.retry.tries}" + (f", {detail}" if detail else "")
         return self.describe + (f" ({detail})" if detail else "") + " Requests made meanwhile wait for it."
 
 
@@ -236,5 +317,5 @@ def make_loader(tiny: bool, device: str, zero_gpu: bool = False):
     return loader, baking.get("fields")
 
 
-__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "gpu_seconds", "make_loader", "pick_device",
-           "speed_note"]
+__all__ = ["GPU_SECONDS", "ModelLoader", "ModelNotReadyError", "RetryPolicy", "gpu_seconds", "make_loader", "may_pass",
+           "pick_device", "speed_note"]

@@ -15,6 +15,7 @@ should read are ``GenerationError`` (and ``models.ModelNotReadyError``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,25 @@ class GenerationError(RuntimeError):
 
 class NoSurfaceError(GenerationError):
     """The model produced no surface for these settings."""
+
+
+class GpuOutOfMemoryError(GenerationError):
+    """The device ran out of memory; what the failed call held has been given back."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory (CUDA's own error; MPS raises a RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def free_device_memory(device: str) -> None:
+    """Gives what a failed call left behind back to ``device``: the garbage first (tensors held by
+    reference cycles), then the caching allocator's free blocks."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    elif device.startswith("mps") and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -152,15 +172,11 @@ class GenerationService:
         first = batch[0]
         if not self._progress_inside:
             progress(None, "Running the networks on the GPU")
-        try:
-            result = self.run_networks([s.prompt for s in batch], [s.seed for s in batch], first.mesh_resolution,
-                                       first.remove_floaters, first.target_faces,
-                                       progress if self._progress_inside else None)
-        except torch.cuda.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise GenerationError("The GPU ran out of memory. Try a lower mesh resolution or fewer variants, or "
-                                  "again in a moment.") from None
+        result = self._guard_memory(
+            lambda: self.run_networks([s.prompt for s in batch], [s.seed for s in batch], first.mesh_resolution,
+                                      first.remove_floaters, first.target_faces,
+                                      progress if self._progress_inside else None),
+            "The GPU ran out of memory. Try a lower mesh resolution or fewer variants, or again in a moment.")
         stages = stage_labels(pipe.config.num_steps)
         fields = self.bake_fields if self.bake_fields is not None else pipe.fields
         mesher = TriplaneMesher(fields, pipe.config)
@@ -183,19 +199,31 @@ class GenerationService:
             if settings.texture == "uv":
                 progress(None, stages["texture"])
                 timings: dict = {}
-                try:
-                    (texture,) = mesher.bake_textures(result.triplane[j:j + 1], [mesh], self.texture_size,
-                                                      normal_map=bool(settings.target_faces), timings=timings)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    raise GenerationError("The GPU ran out of memory while baking the texture; try again in a "
-                                          "moment, or choose vertex colours.") from None
+                (texture,) = self._guard_memory(
+                    lambda: mesher.bake_textures(result.triplane[j:j + 1], [mesh], self.texture_size,
+                                                 normal_map=bool(settings.target_faces), timings=timings),
+                    "The GPU ran out of memory while baking the texture; try again in a moment, or choose vertex "
+                    "colours.")
                 record["timings"]["texture"] = timings["texture"]
             progress(None, stages["export"])
             entry = self.store.save(key, mesh, record, texture, render_preview(mesh, texture))
             made.append(key)
             self.store.enforce_limits(keep=set(made))  # before the result is handed out: the folder never exceeds its budget
             yield Stored(i, entry)
+
+    def _guard_memory(self, call: Callable, message: str):
+        """``call()``; if the device runs out of memory, its memory is freed and ``GpuOutOfMemoryError``
+        (``message``) raised instead."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
+            if not out_of_memory(exc):
+                raise
+            logger.warning("out of memory on %s: %s", self.loader.device, str(exc))  # a str: keeps no frames
+        # Here only after running out of memory, outside the except block: the error, its traceback and
+        # the frames holding the failed call's tensors are gone, so the allocator can give them back.
+        free_device_memory(self.loader.device)
+        raise GpuOutOfMemoryError(message)
 
     def _run_networks(self, prompts: list[str], seeds: list[int], resolution: int, floaters: bool,
                       faces: int | None, progress: Progress | None = None) -> NetworkResult:
@@ -223,5 +251,5 @@ class GenerationService:
         return NetworkResult(out.meshes, out.triplane.float().cpu(), dict(out.timings), name, notes)
 
 
-__all__ = ["EMPTY_SURFACE", "FirstLook", "GenerationError", "GenerationService", "NetworkResult", "NoSurface",
-           "NoSurfaceError", "Progress", "Stored", "stage_labels"]
+__all__ = ["EMPTY_SURFACE", "FirstLook", "GenerationError", "GenerationService", "GpuOutOfMemoryError", "NetworkResult",
+           "NoSurface", "NoSurfaceError", "Progress", "Stored", "free_device_memory", "out_of_memory", "stage_labels"]
