@@ -116,8 +116,9 @@ def test_parallel_sessions_install_once(tmp_path, monkeypatch):
     from . import node_packages
 
     log, target, go = tmp_path / "npm.log", tmp_path / "node", tmp_path / "go"
-    # npm runs until the test lets it go on (bounded: 600 tries of 0.1 s)
-    path = tools(tmp_path / "bin", log=log, npm=f'n=0; while [ ! -e "{go}" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done')
+    # npm runs until the test lets it go on (bounded: 600 looks, 0.1 s apart)
+    until_go = f'n=0; while [ ! -e "{go}" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done'
+    path = tools(tmp_path / "bin", log=log, npm=until_go)
     checked = {}
     check = node_packages.missing
 
