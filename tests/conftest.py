@@ -57,6 +57,19 @@ def temporary_files_under_pytest(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def node_packages():
+    """tests/.node, holding the npm packages pinned in tests/package.json: installed now with npm if
+    they are not there yet (tests/node_packages.py); without Node or npm the test is skipped with the
+    command that adds them."""
+    from .node_packages import TARGET, ensure
+
+    reason = ensure()
+    if reason is not None:
+        pytest.skip(reason)
+    return TARGET
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random base model and adapter written in Hub layout: (base_dir, adapter_file)."""
     from triplane_turbo.tiny import write_tiny_model

@@ -1,5 +1,5 @@
 // Runs the Khronos glTF validator (npm `gltf-validator`) on one file and prints its JSON report.
-// Usage: node tests/gltf_validate.mjs FILE.glb   (the package installed under tests/.node, see .ci/run)
+// Usage: node tests/gltf_validate.mjs FILE.glb   (the package installed under tests/.node: tests/node_packages.py)
 import { readFileSync } from "node:fs";
 import { basename } from "node:path";
 import { createRequire } from "node:module";

@@ -10,6 +10,7 @@ TRIPLANE_TURBO_UPDATE_SCREENSHOT=1.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -278,9 +279,14 @@ def test_history_keeps_results_across_a_reload(app_server, page):
     page.click("#clear-history")
     page.wait_for_function("() => document.querySelectorAll('#history .caption-label').length == 0")
     wait_until_stored(page, before)
-    page.reload()
+    # the history loads with the page: an event sends the stored history (the cleared one), and the
+    # gallery shows the answer once that event is over (the gallery's status tracker hidden again)
+    with page.expect_request(lambda r: "/gradio_api/queue/join" in r.url and '"entries"' in (r.post_data or "")) \
+            as loading:
+        page.reload()
+    assert json.loads(loading.value.post_data)["data"] == [{"version": 1, "entries": []}]
     expect(page.locator("#model-status")).to_be_visible()
-    page.wait_for_timeout(1500)  # the history loads with the page; give a stale one time to show up
+    expect(page.locator("#history [data-testid=status-tracker]")).to_have_class(re.compile(r"\bhide\b"))
     expect(page.locator("#history .caption-label")).to_have_count(0)
 
 

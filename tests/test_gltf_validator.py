@@ -2,13 +2,13 @@
 no errors, warnings, infos or hints.
 
 The validator is the npm package ``gltf-validator`` (the official one, compiled from Dart to JS),
-run by ``tests/gltf_validate.mjs`` under Node; .ci/run installs it into tests/.node.
+run by ``tests/gltf_validate.mjs`` under Node; the session installs it into tests/.node on first use
+(tests/node_packages.py, the version pinned in tests/package.json).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,11 +21,7 @@ from triplane_turbo.isosurface import simplify
 from triplane_turbo.texturing.bake import bake_texture, vertex_colors
 
 TESTS = Path(__file__).parent
-INSTALL = "npm install --prefix tests/.node gltf-validator@2.0.0-dev.3.10 mikktspace@1.1.1"
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or not (TESTS / ".node" / "node_modules" / "gltf-validator").is_dir(),
-    reason=f"needs node and the npm package gltf-validator: {INSTALL} (as .ci/run does)")
+pytestmark = pytest.mark.usefixtures("node_packages")  # installed on first use, or skipped saying how
 
 
 def validate(path: Path) -> dict:

@@ -1,15 +1,14 @@
 """triplane_turbo.texturing.tangents: the MikkTSpace port, against hand-worked frames and against the reference.
 
 The reference is the WebAssembly build of MikkTSpace that three.js and glTF-Transform use (npm
-``mikktspace``, installed under tests/.node by .ci/run); ``tests/fixtures/mikktspace_reference.npz``
-holds its answer for a small mesh with every case the port handles (mirrored charts, degenerate
+``mikktspace``, installed under tests/.node on first use: tests/node_packages.py);
+``tests/fixtures/mikktspace_reference.npz`` holds its answer for a small mesh with every case the port handles (mirrored charts, degenerate
 triangles, vertices split into several frames), so that the comparison runs without Node too.
 Regenerate it with ``python -m tests.test_tangents`` (needs node and the package).
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,12 +24,7 @@ SCRIPT = TESTS / "mikktspace_reference.mjs"
 FIXTURE = TESTS / "fixtures" / "mikktspace_reference.npz"
 
 
-def reference_available() -> bool:
-    return shutil.which("node") is not None and (TESTS / ".node" / "node_modules" / "mikktspace").is_dir()
-
-
-needs_reference = pytest.mark.skipif(not reference_available(), reason=(
-    "needs node and the npm package mikktspace: npm install --prefix tests/.node mikktspace@1.1.1 (as .ci/run does)"))
+needs_reference = pytest.mark.usefixtures("node_packages")  # installed on first use, or skipped saying how
 
 
 def reference_mikktspace(positions, normals, uv, faces) -> np.ndarray:
@@ -211,5 +205,9 @@ def test_the_port_matches_the_reference_on_a_marching_cubes_mesh(tiny_pipe, meth
 
 
 if __name__ == "__main__":
+    from tests.node_packages import ensure
+
+    if (reason := ensure()) is not None:
+        raise SystemExit(reason)
     write_fixture()
     print(f"wrote {FIXTURE}")

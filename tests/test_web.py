@@ -280,14 +280,23 @@ def test_history_is_newest_first_bounded_and_clearable(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_requests_while_the_weights_load_wait_for_them(tmp_path):
     release = threading.Event()
-    loader = slow_loader(StubPipe(sphere_output), wait=release)
+    pipe = StubPipe(sphere_output)
+    loader = slow_loader(pipe, wait=release)
     handlers = handlers_for(tmp_path, loader)
-    threading.Timer(1.5, release.set).start()
-    progress = Progress()
+
+    class LoadReported(Progress):
+        """Lets the load finish once the request has said that it waits for it."""
+
+        def __call__(self, value, desc=None):
+            super().__call__(value, desc)
+            if desc and desc.startswith("Loading the model") and not release.is_set():
+                assert not loader.ready() and pipe.calls == 0
+                release.set()
+
     assert "Loading" in loader.status() and "wait" in loader.status()
-    assert call(handlers, progress=progress)[1]["faces"] == 320
-    assert any(line and line.startswith("Loading the model") for line in progress.lines)
-    assert loader.status().startswith("Model ready")
+    assert call(handlers, progress=LoadReported())[1]["faces"] == 320
+    assert release.is_set(), "the request never said that it waits for the model (the stub's 10 s let it go)"
+    assert loader.status().startswith("Model ready") and pipe.calls == 1
 
 
 def test_a_load_failure_is_reported_to_every_request(tmp_path):
@@ -314,11 +323,12 @@ def test_stored_results_are_answered_before_queueing_even_while_the_model_loads(
     GPU, no queue); anything else is queued, never an error at that point."""
     handlers = handlers_for(tmp_path, StubPipe(sphere_output))
     first = call(handlers, seed=8)
-    never = threading.Event()
-    loading = Handlers(GenerationService(slow_loader(StubPipe(sphere_output), wait=never), handlers.service.store))
-    started = time.monotonic()
+    never, loading_pipe = threading.Event(), StubPipe(sphere_output)
+    loading = Handlers(GenerationService(slow_loader(loading_pipe, wait=never), handlers.service.store))
     again = probe(loading.generate, "a chair", 8, False, 128, texture="vertex", progress=Progress())
-    assert again[1]["cached"] is True and again[0] == first[0] and time.monotonic() - started < 5
+    assert again[1]["cached"] is True and again[0] == first[0]
+    # answered while the model is still loading (waiting for it would have let the stub's 10 s pass)
+    assert not loading.service.loader.ready() and loading_pipe.calls == 0
     with pytest.raises(CacheMissError):  # not stored: queued
         probe(loading.generate, "a chair", 9, False, 128, texture="vertex", progress=Progress())
     with pytest.raises(CacheMissError):  # an error, even: queued (the validator has answered bad inputs)

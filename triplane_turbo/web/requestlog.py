@@ -3,7 +3,8 @@
     request event=generate outcome=made visitor=db4d7fd1ee queue_wait_s=8.36 total_s=1.08 results=1 made=1
         size_bytes=4771551 faces=38956 resolution=128 stages_s=text:0.004,denoise:0.299,...,export:0.216
 
-``event``: generate, example, variants, pick (a variant's preview), history (a history entry).
+``event``: generate, example, variants, pick (a variant's preview), history (a history entry), and the MCP
+tools' mcp-generate and mcp-variants.
 ``outcome``: stored (answered from the store), made (at least one result made now), failed (with
 ``error=`` the exception's type), cancelled (the visitor left while it ran), refused (``reason=``
 share: the visitor already has its share waiting; busy: the queue is full) or invalid (``field=``).

@@ -95,19 +95,21 @@ class Tools:
 
     # -- validators: the page's, for the tools' parameters --------------------------------------------
     def validate_generate(self, prompt, seed=None, mesh_resolution=DEFAULT_RESOLUTION, texture="uv",
-                          remove_floaters=False, target_faces=None):
+                          remove_floaters=False, target_faces=None, request: gr.Request = None):
         verdicts = self.handlers.validate_generate(prompt, seed, seed is None, mesh_resolution, remove_floaters,
                                                    target_faces is not None,
-                                                   DEFAULT_FACES if target_faces is None else target_faces, texture)
+                                                   DEFAULT_FACES if target_faces is None else target_faces, texture,
+                                                   request=request)
         by_name = dict(zip(GENERATE_PARAMETERS, verdicts))
         return [by_name[name] for name in TOOL_GENERATE_PARAMETERS]
 
-    def validate_variants(self, prompt, seed=None, count=4, mesh_resolution=DEFAULT_RESOLUTION):
+    def validate_variants(self, prompt, seed=None, count=4, mesh_resolution=DEFAULT_RESOLUTION,
+                          request: gr.Request = None):
         try:
             batch, _ = variant_settings(prompt, 0 if seed is None else seed, count, mesh_resolution)
         except InputError as exc:
             return Handlers._verdict(TOOL_VARIANT_PARAMETERS, exc.field, str(exc))
-        busy = self.handlers._busy(batch, storable=seed is not None)  # random seeds are never stored
+        busy = self.handlers._busy("variants", batch, request, storable=seed is not None)  # random seeds: never stored
         return Handlers._verdict(TOOL_VARIANT_PARAMETERS, "prompt" if busy else None, busy or "")
 
     # -- the tools ---------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Tools:
             settings, notes = settings_from_inputs(prompt, seed, seed is None, mesh_resolution, remove_floaters,
                                                    target_faces is not None,
                                                    DEFAULT_FACES if target_faces is None else target_faces, texture)
-        entries = self._entries([settings], probe, fail_on_empty=True)
+        entries = self._entries("generate", [settings], request, started, probe, fail_on_empty=True)
         return json.dumps(self._describe(entries[0], settings, request, started, notes))
 
     @answers_from_store
@@ -177,7 +179,7 @@ class Tools:
             if seed is None:
                 seed = secrets.randbelow(RANDOM_SEED_LIMIT)  # as the page draws them
             batch, notes = variant_settings(prompt, seed, count, mesh_resolution)
-        entries = self._entries(batch, probe, fail_on_empty=False)
+        entries = self._entries("variants", batch, request, started, probe, fail_on_empty=False)
         if not entries:
             raise gr.Error(f"The model produced no surface for any of the seeds {batch[0].seed}…{batch[-1].seed}; "
                            "try other seeds or another prompt.")
@@ -186,20 +188,20 @@ class Tools:
                            "warnings": notes})
 
     # -- the same service as the page ----------------------------------------------------------------------
-    def _entries(self, batch: list[Settings], probe: bool, fail_on_empty: bool) -> dict[int, Entry]:
+    def _entries(self, event: str, batch: list[Settings], request, started: float, probe: bool,
+                 fail_on_empty: bool) -> dict[int, Entry]:
         """The stored results of ``batch`` by index; the missing ones made in one GPU run (not while probing:
-        then a missing one means "queue it")."""
-        with user_errors(probe):
+        then a missing one means "queue it"). Admitted, released and logged as the page's events are."""
+        with user_errors(probe), self.handlers._logged(f"mcp-{event}", request, started, probe) as line:
             found = {i: e for i, s in enumerate(batch) if (e := self.service.stored(s)) is not None}
-            if len(found) == len(batch):
-                return found
-            if probe:
-                raise CacheMissError()
-            self.handlers._started()
-            for event in self.service.produce(batch, lambda fraction, line: None, fail_on_empty=fail_on_empty,
-                                              first_look=False):
-                if isinstance(event, Stored):
-                    found[event.index] = event.entry
+            if len(found) < len(batch):
+                if probe:
+                    raise CacheMissError()
+                for made in self.service.produce(batch, lambda fraction, desc: None, fail_on_empty=fail_on_empty,
+                                                 first_look=False):
+                    if isinstance(made, Stored):
+                        found[made.index] = made.entry
+            line.entries = [found[i] for i in sorted(found)]
         return found
 
     @staticmethod
