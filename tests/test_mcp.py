@@ -125,7 +125,7 @@ def test_the_tools_share_the_pages_queue_bound_and_store(tmp_path):
     """Admission as for the page: bad inputs and a full GPU queue are answered before queueing; a stored
     result is answered (probe: without queueing) whatever waits; a random seed is never stored."""
     handlers = handlers_for(tmp_path, StubPipe(sphere_output))
-    handlers.max_queue = 1
+    handlers.admission.max_queue = 1
     tools = Tools(handlers)
     made = json.loads(tools.generate("a chair", 7, 128, "vertex"))
     assert made["seed"] == 7 and made["details"]["cached"] is False
