@@ -20,6 +20,9 @@ import gradio as gr
 
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
                                 gpu_seconds, make_loader, pick_device, speed_note)
+from triplane_turbo.web.downloads import LinkDownloadButton, download_routes
+from triplane_turbo.web.meshsource import ARCHIVED
+from triplane_turbo.web.store import DOWNLOADS
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 
@@ -89,8 +92,8 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
                 model3d = gr.Model3D(str(store.empty_glb), label="Mesh", camera_position=(90, 75, None), height=440,
                                      clear_color=(0.96, 0.96, 0.97, 1.0), interactive=False, elem_id="model3d")
                 with gr.Row():
-                    downloads = [gr.DownloadButton(f"Download {label}", size="sm", elem_id=f"download-{fmt}")
-                                 for fmt, label in (("glb", "GLB"), ("obj", "OBJ (zip)"), ("ply", "PLY"), ("stl", "STL"))]
+                    downloads = [LinkDownloadButton(f"Download {fmt.upper()}{' (zip)' if fmt in ARCHIVED else ''}",
+                                                    size="sm", elem_id=f"download-{fmt}") for fmt in DOWNLOADS]
                 link = gr.Textbox(label="Link to this result", buttons=["copy"], interactive=False, elem_id="share-link",
                                   placeholder="Generate something to get a link.")
                 info = gr.JSON(label="Details", elem_id="details")
@@ -134,12 +137,15 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
     # Gradio's max_size, which would also turn away stored results.
     demo.queue(max_size=None, default_concurrency_limit=None)
     handlers.demo = demo
+    demo.download_routes = download_routes(store)  # added to Gradio's FastAPI app at launch (launch_kwargs)
     return demo
 
 
-def launch_kwargs() -> dict:
-    """launch() arguments shared by main() and the tests."""
-    return dict(ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+def launch_kwargs(demo: gr.Blocks | None = None) -> dict:
+    """launch() arguments shared by main() and the tests; with a ``demo`` of ``build_demo``, its own
+    routes too (the downloads written on first request)."""
+    routes = getattr(demo, "download_routes", [])
+    return dict(app_kwargs={"routes": routes}, ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
                 css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
                 max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
@@ -192,7 +198,7 @@ def main(argv=None) -> None:
     demo = build_demo(loader, args.output_dir, tiny=args.tiny, max_bytes=args.max_output_gb * 1e9,
                       max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue,
                       texture_size=args.texture_size)
-    demo.launch(share=args.share, **launch_kwargs())
+    demo.launch(share=args.share, **launch_kwargs(demo))
 
 
 if __name__ == "__main__":
