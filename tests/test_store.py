@@ -23,16 +23,18 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from triplane_turbo import GenerationConfig, TriplaneTurboOutput, fileio
-from triplane_turbo.export import encode_mesh
+from triplane_turbo.export import FORMATS, encode_mesh
 from triplane_turbo.web import GenerationService, Handlers, ModelLoader, ResultStore
 from triplane_turbo.web.downloads import DownloadLink, download_routes
 from triplane_turbo.web.service import DISK_FULL_MESSAGE
 from triplane_turbo.web import store as store_module
 from triplane_turbo.web.downloads import LinkDownloadButton
+from triplane_turbo.web.meshsource import file_name
 from triplane_turbo.web.store import DOWNLOADS
 
 REPO = Path(__file__).resolve().parent.parent
-LAZY = [fmt for fmt in DOWNLOADS if fmt != "glb"]
+LAZY = [fmt for fmt in DOWNLOADS if fmt != "glb"]  # the app's downloads written on demand
+ENCODABLE = [fmt for fmt in FORMATS if fmt != "glb"]  # what the store can write on demand
 
 
 class StubPipe:
@@ -115,9 +117,10 @@ def test_a_result_is_shown_with_its_glb_and_each_other_format_is_written_once_as
     for fmt in LAZY:
         assert isinstance(links[fmt], DownloadLink) and links[fmt].url == f"download/{key}/{fmt}/{links[fmt].name}"
         assert outputs[1]["downloads"][fmt] == f"download/{key}/{fmt}" and outputs[1]["files"][fmt] == links[fmt].name
-    for fmt in LAZY:
+    for fmt in ENCODABLE:  # every format encode_mesh knows, offered by the app or not (yet)
         path = store.download(key, fmt)
-        assert path.name == links[fmt].name and path.parent == store.root / "files" / key
+        assert path.parent == store.root / "files" / key and path.name == file_name(stem, fmt)
+        assert fmt not in links or path.name == links[fmt].name
         expected = encode_mesh(mesh, fmt, stem, baked)
         if fmt == "obj":  # a zip (its entries carry the time they were written): the same files
             assert zip_members(path.read_bytes()) == expected
@@ -126,7 +129,8 @@ def test_a_result_is_shown_with_its_glb_and_each_other_format_is_written_once_as
             assert path.read_bytes() == expected[f"{stem}.{fmt}"]
         written = path.stat()
         assert store.download(key, fmt) == path and path.stat().st_mtime_ns == written.st_mtime_ns  # kept, not rewritten
-    assert entry_names(store, key) == sorted([".glb", "-preview.png", "-source.npz", "-obj.zip", ".ply", ".stl"])
+    assert entry_names(store, key) == sorted({".glb", "-preview.png", "-source.npz", "-obj.zip", ".ply", ".stl",
+                                              *(file_name("", fmt) for fmt in ENCODABLE)})
     again = generate(handlers, texture=texture, simplify=simplify)  # a repeat: from the store
     assert again[1]["cached"] is True and len(saved.calls) == 1
 

@@ -83,10 +83,6 @@ class Entry:
     record: dict
     fresh: bool = False  # made just now (``save``), rather than found (``load``)
 
-    def written(self, file_format: str) -> bool:
-        """Whether the download in ``file_format`` is on disk (else ``ResultStore.download`` writes it)."""
-        return self.files[file_format].is_file()
-
 
 class ResultStore:
     """Generated meshes on disk, bounded by ``max_bytes`` in total and ``max_age_s`` per entry."""
@@ -406,4 +402,5 @@ def read_image(path: Path):
         return np.asarray(image.convert("RGB"))
 
 
-__all__ = ["DISK_FULL", "DOWNLOADS", "Entry", "MARKER", "OutputFolderError", "ResultStore", "checked_thumbnail", "read_image", "thumbnail_jpeg"]
+__all__ = ["DISK_FULL", "DOWNLOADS", "Entry", "MARKER", "OutputFolderError", "ResultStore", "checked_thumbnail",
+           "read_image", "thumbnail_jpeg"]
