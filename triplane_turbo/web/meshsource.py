@@ -5,8 +5,8 @@ A result's files are the GLB the viewer shows, the preview, and this *source*: t
 one ``.npz``. ``export.encode_mesh`` reads nothing else of a mesh, so encoding the source gives the
 same bytes as encoding the mesh the pipeline returned (``tests/test_web.py`` compares them).
 
-Measured on a 160-grid tiny-model result with a 1024² texture (2-core AMD EPYC): written in ~0.05 s,
-read back in ~0.02 s, 1-2 MB (the images are most of it).
+Measured on a 160-grid tiny-model result (31k vertices, 62k faces) with a 1024² texture, on a shared
+2-core AMD EPYC: written in 0.25 s, read back in 0.08 s, 1.85 MB (the GLB: 2.0 MB).
 """
 
 from __future__ import annotations
