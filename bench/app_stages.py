@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path and os.environ.get("BENCH_USE_PATH") != "1":  # run from a checkout
     sys.path.insert(0, str(REPO))
+
+from bench import tables  # noqa: E402
 
 NETWORK_STAGES = ("text", "denoise", "decode", "fields", "isosurface", "color")
 TABLE = "## The app: request to textured mesh shown"
@@ -85,7 +86,7 @@ def run(args) -> dict:
             rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
-    return {"date": datetime.date.today().isoformat(), "commit": _commit(), "machine": _machine(),
+    return {"date": datetime.date.today().isoformat(), "commit": tables.commit(), "machine": _machine(),
             "threads": torch.get_num_threads(), "resolution": args.resolution, "texture_size": texture_size,
             "runs": len(rows), "median": {k: statistics.median(r[k] for r in rows) for k in keys},
             "mesh": [rows[0]["vertices"], rows[0]["faces"]], "written before shown": rows[0]["written"],
@@ -97,63 +98,45 @@ def _key_of(info: dict, store) -> str:
     return folder
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path.cwd(), capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _machine() -> str:
-    model = "unknown CPU"
+    """The CPU (``bench.tables.machine``) and whether it has AVX-512."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
         avx512 = "avx512f" in Path("/proc/cpuinfo").read_text()
     except OSError:
         avx512 = False
-    return f"{model}, {os.cpu_count()} cores, {'AVX-512' if avx512 else 'no AVX-512'}"
+    return f"{tables.machine('cpu')}, {'AVX-512' if avx512 else 'no AVX-512'}"
 
 
-def table_row(result: dict, note: str) -> str:
+INTRO = ("`python bench/app_stages.py --runs 5 --record BENCHMARKS.md`: the app's handler on the tiny model (CPU), a "
+         "fresh seed per run; medians in seconds. *first look*: the vertex-coloured mesh shown; *shown*: the textured "
+         "mesh and its downloads shown; *stages*: networks (all six stages of the tiny model) / texture bake / export "
+         "(what the store writes before the result is shown) / other (preview render, handler); *written*: the "
+         "entry's files when it is shown; *on demand*: seconds to write each other download on its first request.")
+HEADER = ("| date | commit | machine | grid, texture | first look s | shown s | stages s (networks / texture / export / "
+          "other) | written before shown | on demand s | mesh V / F | runs (warm-up) | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def table_row(result: dict, note: str) -> list[str]:
     m = result["median"]
     network = sum(m[s] for s in NETWORK_STAGES)
     lazy = " / ".join(f"{f} {m[f'on demand {f}']:.2f}" for f in result["lazy formats"]) or "–"
-    return (f"| {result['date']} | {result['commit']} | {result['machine']} | {result['resolution']}, "
-            f"{result['texture_size']}² | {m['first_look']:.2f} | {m['shown']:.2f} | {network:.2f} / {m['texture']:.2f} / "
-            f"{m['export']:.2f} / {m['other']:.2f} | {', '.join(result['written before shown'])} | {lazy} | "
-            f"{result['mesh'][0]} / {result['mesh'][1]} | {result['runs']} (1) | {note} |")
+    return [result["date"], str(result["commit"]), result["machine"], f"{result['resolution']}, {result['texture_size']}²",
+            f"{m['first_look']:.2f}", f"{m['shown']:.2f}",
+            f"{network:.2f} / {m['texture']:.2f} / {m['export']:.2f} / {m['other']:.2f}",
+            ", ".join(result["written before shown"]), lazy, f"{result['mesh'][0]} / {result['mesh'][1]}",
+            f"{result['runs']} (1)", note]
 
 
 def record(path: Path, result: dict, note: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    row = table_row(result, note)
-    if TABLE not in text:
-        text = text.rstrip("\n") + f"\n\n{TABLE}\n\n" + (
-            "`python bench/app_stages.py --runs 5 --record BENCHMARKS.md`: the app's handler on the tiny model "
-            "(CPU), a fresh seed per run; medians in seconds. *first look*: the vertex-coloured mesh shown; "
-            "*shown*: the textured mesh and its downloads shown; *stages*: networks (all six stages of the tiny "
-            "model) / texture bake / export (what the store writes before the result is shown) / other (preview "
-            "render, handler); *written*: the entry's files when it is shown; *on demand*: seconds to write each "
-            "other download on its first request.\n\n"
-            "| date | commit | machine | grid, texture | first look s | shown s | stages s (networks / texture / "
-            "export / other) | written before shown | on demand s | mesh V / F | runs (warm-up) | note |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = text.split("\n")
-    start = lines.index(TABLE)
-    end = max(i for i, line in enumerate(lines) if i > start and line.startswith("|"))  # the table's last row
-    lines.insert(end + 1, row)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    tables.add_rows(path, TABLE, INTRO, HEADER, [table_row(result, note)])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(json.dumps(result, indent=1))
-    print(table_row(result, args.note))
+    print("| " + " | ".join(table_row(result, args.note)) + " |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
     if args.record:
