@@ -144,8 +144,8 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
 def launch_kwargs(demo: gr.Blocks | None = None) -> dict:
     """launch() arguments shared by main() and the tests; with a ``demo`` of ``build_demo``, its own
     routes too (the downloads written on first request)."""
-    routes = getattr(demo, "download_routes", [])
-    return dict(app_kwargs={"routes": routes}, ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+    return dict(app_kwargs={"routes": getattr(demo, "download_routes", [])},
+                ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
                 css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
                 max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
