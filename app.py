@@ -24,6 +24,9 @@ import gradio as gr
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
                                 gpu_seconds, make_loader, pick_device, speed_note)
 from triplane_turbo.web.admission import trust_space_proxy
+from triplane_turbo.web.downloads import LinkDownloadButton, download_routes
+from triplane_turbo.web.meshsource import ARCHIVED
+from triplane_turbo.web.store import DOWNLOADS
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 from triplane_turbo.web.tools import Tools, offer_tools
@@ -95,8 +98,8 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
                 model3d = gr.Model3D(str(store.empty_glb), label="Mesh", camera_position=(90, 75, None), height=440,
                                      clear_color=(0.96, 0.96, 0.97, 1.0), interactive=False, elem_id="model3d")
                 with gr.Row():
-                    downloads = [gr.DownloadButton(f"Download {label}", size="sm", elem_id=f"download-{fmt}")
-                                 for fmt, label in (("glb", "GLB"), ("obj", "OBJ (zip)"), ("ply", "PLY"), ("stl", "STL"))]
+                    downloads = [LinkDownloadButton(f"Download {fmt.upper()}{' (zip)' if fmt in ARCHIVED else ''}",
+                                                    size="sm", elem_id=f"download-{fmt}") for fmt in DOWNLOADS]
                 link = gr.Textbox(label="Link to this result", buttons=["copy"], interactive=False, elem_id="share-link",
                                   placeholder="Generate something to get a link.")
                 info = gr.JSON(label="Details", elem_id="details")
@@ -141,12 +144,15 @@ def build_demo(loader: ModelLoader, output_dir, *, tiny: bool = False, max_bytes
     # Gradio's max_size, which would also turn away stored results.
     demo.queue(max_size=None, default_concurrency_limit=None)
     handlers.demo = demo
+    demo.download_routes = download_routes(store)  # added to Gradio's FastAPI app at launch (launch_kwargs)
     return demo
 
 
-def launch_kwargs(mcp: bool = True) -> dict:
-    """launch() arguments shared by main() and the tests; ``mcp``: also serve MCP at /gradio_api/mcp/."""
-    return dict(ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+def launch_kwargs(demo: gr.Blocks | None = None, mcp: bool = True) -> dict:
+    """launch() arguments shared by main() and the tests: with a ``demo`` of ``build_demo``, its own
+    routes too (the downloads written on first request); ``mcp``: also serve MCP at /gradio_api/mcp/."""
+    return dict(app_kwargs={"routes": getattr(demo, "download_routes", [])},
+                ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
                 mcp_server=mcp, css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
                 max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
@@ -212,7 +218,7 @@ def main(argv=None) -> None:
     if trust_space_proxy():  # before launch(): uvicorn reads it then
         logging.getLogger("triplane_turbo.app").info("on a Space: client addresses from X-Forwarded-For of %s",
                                                      os.environ["FORWARDED_ALLOW_IPS"])
-    demo.launch(share=args.share, prevent_thread_lock=True, **launch_kwargs(mcp=args.mcp))
+    demo.launch(share=args.share, prevent_thread_lock=True, **launch_kwargs(demo, mcp=args.mcp))
     offer_tools(demo)
     demo.block_thread()
 

@@ -238,7 +238,7 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
                                   max_waiting_per_client=max_waiting_per_client)
             port = free_port()
             demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        **app.launch_kwargs())
+                        **app.launch_kwargs(demo))
             yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES,
                             gates=gates)
         finally:

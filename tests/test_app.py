@@ -166,6 +166,42 @@ def test_vertex_colours_on_request(client):
     assert "texture=vertex" in result["link"]
 
 
+@pytest.mark.timeout(90)
+def test_only_the_glb_is_written_before_a_result_is_shown_and_each_download_on_its_first_request(app_server,
+                                                                                                  tmp_path):
+    """The viewer's GLB (and the preview) are written with the result; the other downloads are links
+    that write their file on the first request and serve the same file from then on."""
+    client = local_client(app_server.url, download_files=False)
+    glb, info, _, *files, link = client.predict(prompt="a lazy armchair", seed=41, randomize_seed=False,
+                                                mesh_resolution=128, api_name="/generate")
+    assert info["cached"] is False
+    (folder,) = [p.parent for p in app_server.output_dir.glob(f"files/*/{info['files']['glb']}")]
+    stem = info["files"]["glb"].removesuffix(".glb")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.glb", f"{stem}-preview.png",
+                                                               f"{stem}-source.npz"])
+    assert set(info["downloads"]) == set(KINDS) == set(webapp.DOWNLOADS)
+    for kind, file in zip(KINDS, files):
+        assert file["orig_name"] == info["files"][kind]
+        if kind == "glb":
+            continue
+        assert file["url"] == f"{info['downloads'][kind]}/{info['files'][kind]}"
+        assert file["url"].startswith(f"{app_server.url}download/{folder.name}/{kind}/")
+        with urllib.request.urlopen(info["downloads"][kind]) as response:
+            data = response.read()
+            assert info["files"][kind] in response.headers["content-disposition"]
+        written = folder / info["files"][kind]
+        assert written.read_bytes() == data
+        saved = tmp_path / info["files"][kind]
+        saved.write_bytes(data)
+        assert len(load_download(saved, kind).faces) == info["faces"], kind
+        first = written.stat().st_mtime_ns
+        with urllib.request.urlopen(file["url"]) as response:
+            assert response.read() == data and written.stat().st_mtime_ns == first  # served, not written again
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        urllib.request.urlopen(f"{app_server.url}download/{'0' * 32}/ply")
+    assert gone.value.code == 404
+
+
 @pytest.mark.timeout(120)
 def test_same_settings_give_the_same_mesh_and_repeats_come_from_the_cache(client, app_server):
     first = generate(client, prompt="a corgi taking a selfie", seed=5, remove_floaters=True)

@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import urllib.parse
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,19 @@ def test_generate_from_the_page(app_server, page):
     (geometry,) = trimesh.load_scene(path, process=False).geometry.values()
     size = app_server.texture_size
     assert len(geometry.faces) > 100 and geometry.visual.material.baseColorTexture.size == (size, size)
+    # the other downloads are written on their first click: same mesh, and the OBJ zip with its texture
+    stem = download.suggested_filename.removesuffix(".glb")
+    for kind, name in (("obj", f"{stem}-obj.zip"), ("ply", f"{stem}.ply"), ("stl", f"{stem}.stl")):
+        with page.expect_download() as download_info:
+            page.click(f"#download-{kind}")
+        other = download_info.value
+        assert other.suggested_filename == name and other.failure() is None
+        other.save_as(ARTIFACTS / name)
+        if kind == "obj":
+            with zipfile.ZipFile(ARTIFACTS / name) as archive:
+                assert sorted(archive.namelist()) == [f"{stem}.mtl", f"{stem}.obj", f"{stem}.png"]
+        else:
+            assert len(trimesh.load(ARTIFACTS / name, force="mesh", process=False).faces) == len(geometry.faces)
 
 
 @pytest.mark.timeout(150)

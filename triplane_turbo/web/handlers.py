@@ -31,7 +31,8 @@ from .requestlog import RequestLine
 from .service import FirstLook, GenerationError, GenerationService, Stored
 from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, HISTORY_SIZE, InputError, Settings,
                        inputs_from_link, settings_from_entry, settings_from_inputs, texture_label, variant_settings)
-from .store import Entry, checked_thumbnail, read_image, thumbnail_jpeg
+from .downloads import DownloadLink, download_url
+from .store import DOWNLOADS, Entry, checked_thumbnail, read_image, thumbnail_jpeg
 
 logger = logging.getLogger("triplane_turbo.app")
 
@@ -241,7 +242,7 @@ class Handlers:
         report = lambda fraction, desc: progress(fraction, desc=desc)  # noqa: E731
         for event in self.service.produce([settings], report, fail_on_empty=True):
             if isinstance(event, FirstLook):
-                skip = [gr.skip()] * 6
+                skip = [gr.skip()] * (len(DOWNLOADS) + 2)  # the downloads, the link, the history item
                 yield (str(event.glb), {"prompt": settings.prompt, "seed": settings.seed,
                                         "status": "baking the texture…"}, settings.seed, *skip)
             elif isinstance(event, Stored):
@@ -250,20 +251,26 @@ class Handlers:
 
     def _outputs(self, entry: Entry, settings: Settings, request, cached: bool, started: float,
                  warn: bool = True) -> tuple:
-        """generate()'s outputs for a stored entry: viewer, details, seed, four downloads, link, history item."""
+        """generate()'s outputs for a stored entry: viewer, details, seed, downloads, link, history item.
+
+        The GLB is a file; the other downloads are links that write their file on first request
+        (``downloads``), also listed in the details."""
         record = entry.record
         if warn:
             for note in record.get("warnings", []):
                 gr.Warning(note)
+        page, files = page_url(request), entry.files
         info = {**record, "timings": {k: round(v, 3) for k, v in record["timings"].items()}, "cached": cached,
-                "files": {kind: path.name for kind, path in entry.files.items()},
+                "files": {kind: path.name for kind, path in files.items() if kind != "source"},
+                "downloads": {fmt: download_url(page, entry.key, fmt) for fmt in DOWNLOADS},
                 "total_seconds": round(time.perf_counter() - started, 3)}
-        link = settings.share_link(page_url(request))
-        files = entry.files
+        link = settings.share_link(page)
         remembered = {**settings.as_record(), "link": link,
                       "thumb": base64.b64encode(thumbnail_jpeg(read_image(files["preview"]))).decode()}
-        return (str(files["glb"]), info, settings.seed, str(files["glb"]), str(files["obj"]), str(files["ply"]),
-                str(files["stl"]), link, remembered)
+        downloads = [str(files[fmt]) if fmt == "glb" else
+                     DownloadLink(download_url(page, entry.key, fmt, files[fmt].name), files[fmt].name)
+                     for fmt in DOWNLOADS]
+        return (str(files["glb"]), info, settings.seed, *downloads, link, remembered)
 
     # -- variants ------------------------------------------------------------------------------------
     @answers_from_store

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,13 +30,15 @@ from ..pipeline import PromptTruncatedWarning
 from ..preview import render_preview
 from .models import ModelLoader
 from .settings import DEFAULT_TEXTURE_SIZE, FLOATER_FRACTION, Settings
-from .store import Entry, ResultStore
+from .store import DISK_FULL, Entry, ResultStore
 
 logger = logging.getLogger(__name__)
 
 #: ``progress(fraction in [0, 1] or None, description)``.
 Progress = Callable[[float | None, str], None]
 EMPTY_SURFACE = "The model produced no surface for this seed; try another seed or prompt."
+DISK_FULL_MESSAGE = ("The server's disk is full, so this result could not be stored. Please try again in a few "
+                     "minutes; results already stored (and their links) still work.")
 
 
 class GenerationError(RuntimeError):
@@ -104,7 +107,7 @@ def stage_labels(num_steps: int) -> dict[str, str]:
     denoise = {f"denoise {i}": f"Denoising, step {i}/{num_steps}" for i in range(1, num_steps + 1)}
     return {"text": "Encoding the prompt", **denoise, "decode": "Decoding the triplane",
             "fields": "Evaluating the fields", "isosurface": "Marching cubes", "color": "Colouring the vertices",
-            "texture": "Baking the texture", "export": "Exporting GLB, OBJ, PLY and STL"}
+            "texture": "Baking the texture", "export": "Writing the GLB"}
 
 
 class GenerationService:
@@ -189,7 +192,9 @@ class GenerationService:
                 yield NoSurface(i)
                 continue
             if first_look and settings.texture == "uv":
-                yield FirstLook(i, self.store.pending_glb(key, mesh))
+                with _disk_full_message():
+                    glb = self.store.pending_glb(key, mesh)
+                yield FirstLook(i, glb)
             record = {**settings.as_record(), "texture_size": self.texture_size, "vertices": len(mesh.vertices),
                       "faces": len(mesh.faces),
                       "device": result.device, "model_revision": pipe.revision, "timings": dict(result.timings)}
@@ -206,7 +211,9 @@ class GenerationService:
                     "colours.")
                 record["timings"]["texture"] = timings["texture"]
             progress(None, stages["export"])
-            entry = self.store.save(key, mesh, record, texture, render_preview(mesh, texture))
+            preview = render_preview(mesh, texture)
+            with _disk_full_message():
+                entry = self.store.save(key, mesh, record, texture, preview)
             made.append(key)
             self.store.enforce_limits(keep=set(made))  # before the result is handed out: the folder never exceeds its budget
             yield Stored(i, entry)
@@ -251,5 +258,18 @@ class GenerationService:
         return NetworkResult(out.meshes, out.triplane.float().cpu(), dict(out.timings), name, notes)
 
 
-__all__ = ["EMPTY_SURFACE", "FirstLook", "GenerationError", "GenerationService", "GpuOutOfMemoryError", "NetworkResult",
-           "NoSurface", "NoSurfaceError", "Progress", "Stored", "free_device_memory", "out_of_memory", "stage_labels"]
+@contextmanager
+def _disk_full_message():
+    """A full disk while storing -> ``GenerationError`` saying so (the store leaves no partial entry)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        logger.error("storing a result failed: %s", exc)
+        raise GenerationError(DISK_FULL_MESSAGE) from None
+
+
+__all__ = ["DISK_FULL_MESSAGE", "EMPTY_SURFACE", "FirstLook", "GenerationError", "GenerationService", "GpuOutOfMemoryError",
+           "NetworkResult", "NoSurface", "NoSurfaceError", "Progress", "Stored", "free_device_memory", "out_of_memory",
+           "stage_labels"]

@@ -1,7 +1,8 @@
 """The app's results on disk, in a folder of their own, bounded by size and age.
 
     <root>/.triplane-turbo-results     marker: the folder was made by this app
-    <root>/files/<key>/…               served: GLB, OBJ zip, PLY, STL, preview PNG
+    <root>/files/<key>/…               served: GLB, preview PNG, the source of the other formats
+                                       (npz); each other download once it is first asked for
     <root>/files/<key>.pending/…       served: the vertex-coloured first look, while the texture bakes
     <root>/files/empty.glb             served: the viewer's empty first value
     <root>/records/<key>.json          not served: prompt, settings, timings
@@ -11,13 +12,19 @@
 File names come from a hash of the settings, never from the prompt. The store serves and deletes
 what it keeps, so it takes only a folder that is empty or carries its marker, and it refuses one
 holding anything it would not have made itself; it never deletes what it did not make. Entries are
-evicted least recently used first, by age and by total size; browser thumbnails live in a small
-budget of their own inside the total, so a forged history can churn thumbnails but never push a
-result out.
+evicted least recently used first, by age and by total size (downloads written later count from
+then on); browser thumbnails live in a small budget of their own inside the total, so a forged
+history can churn thumbnails but never push a result out.
+
+Only the GLB the viewer needs and the preview are written before a result is shown; every other
+download format is encoded from the entry's source when it is first asked for (``download``), then
+kept with the entry. A store takes its folder for one server: on start it removes what a writer
+killed mid-way left (staging folders, partial atomic writes, entries without their record).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -30,8 +37,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..export import encode_mesh, zip_files
+from ..export import FORMATS, encode_mesh
 from ..fileio import write_atomic
+from .meshsource import encode_download, file_name, read_source, source_bytes
+
+#: The app's download formats, in the order of its buttons: the GLB is written with the result, the
+#: others when first asked for. Any of ``export.FORMATS`` can be added here.
+DOWNLOADS = ("glb", "obj", "ply", "stl")
+#: Errors of a full disk (or a full quota).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 _KEY = re.compile(r"[0-9a-f]{32}")
 MARKER = ".triplane-turbo-results"
@@ -48,8 +62,8 @@ _OWN_NAMES = {
     ".staging": re.compile(r"tmp[\w]+"),
 }
 #: The files of one result's folder (``files/<key>/`` and ``files/<key>.pending/``).
-_ENTRY_FILE = re.compile(r"triplaneturbo-[0-9a-f]{12}(\.glb|-obj\.zip|\.ply|\.stl|-preview\.png|-preview\.glb)"
-                         r"|\..*\.tmp")
+_ENTRY_FILE = re.compile(r"triplaneturbo-[0-9a-f]{12}(\.[0-9a-z]+|-[0-9a-z]+\.zip|-preview\.png|-preview\.glb"
+                         r"|-source\.npz)|\..*\.tmp")
 #: Fraction of the byte budget that browser thumbnails may take (the rest is for results).
 THUMB_SHARE = 0.02
 #: Thumbnails are small (96² JPEG, a few kB): at most this many are kept whatever the budget.
@@ -65,7 +79,7 @@ class Entry:
     """A stored result: its key, where its files are, and its record."""
 
     key: str
-    files: dict[str, Path]  # "glb", "obj", "ply", "stl", "preview"
+    files: dict[str, Path]  # "glb", "preview" (written), and every other download format (maybe not yet)
     record: dict
     fresh: bool = False  # made just now (``save``), rather than found (``load``)
 
@@ -73,17 +87,19 @@ class Entry:
 class ResultStore:
     """Generated meshes on disk, bounded by ``max_bytes`` in total and ``max_age_s`` per entry."""
 
-    FILES = {"glb": "{stem}.glb", "obj": "{stem}-obj.zip", "ply": "{stem}.ply", "stl": "{stem}.stl",
-             "preview": "{stem}-preview.png"}
+    #: What ``save`` writes (before a result is shown): the viewer's GLB, the preview, the source.
+    EAGER = ("glb", "preview", "source")
 
     def __init__(self, root: str | os.PathLike, max_bytes: float = 2e9, max_age_s: float = 86400.0):
         self.root = Path(root).expanduser().resolve()
         self.max_bytes, self.max_age_s = max_bytes, max_age_s
         self.thumb_bytes = max_bytes * THUMB_SHARE
         self._lock = threading.Lock()
+        self._export_lock = threading.Lock()  # one download written at a time (a second request waits for it)
         self._claim_root()
         for name in ("files", "records", "thumbs", ".staging"):
             (self.root / name).mkdir(exist_ok=True)
+        self._recover()
         self.empty_glb = self.root / "files" / "empty.glb"
         if not self.empty_glb.exists():
             write_atomic(self.empty_glb, _empty_glb())
@@ -124,10 +140,19 @@ class ResultStore:
         """A 32-hex-digit key for JSON-serialisable settings (order does not matter)."""
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
-    def paths(self, key: str) -> dict[str, Path]:
-        """Where an entry's files live (whether or not they exist yet)."""
-        stem = f"triplaneturbo-{key[:12]}"
-        return {kind: self.root / "files" / key / name.format(stem=stem) for kind, name in self.FILES.items()}
+    def paths(self, key: str, formats: tuple[str, ...] = DOWNLOADS) -> dict[str, Path]:
+        """Where an entry's files live (whether or not they exist yet): the download ``formats``, the
+        preview and the source."""
+        stem, folder = _stem(key), self.root / "files" / key
+        return {**{fmt: folder / file_name(stem, fmt) for fmt in formats},
+                "preview": folder / f"{stem}-preview.png", "source": folder / f"{stem}-source.npz"}
+
+    def _complete(self, key: str) -> bool:
+        """The GLB and preview are there, and the source (or, in an entry of an earlier version of
+        the app, every download)."""
+        paths = self.paths(key)
+        return paths["glb"].is_file() and paths["preview"].is_file() and (
+            paths["source"].is_file() or all(paths[fmt].is_file() for fmt in DOWNLOADS))
 
     def load(self, key: str) -> Entry | None:
         """A complete entry (and marks it recently used), or None."""
@@ -135,19 +160,47 @@ class ResultStore:
             return None
         try:
             record = json.loads((self.root / "records" / f"{key}.json").read_text(encoding="utf-8"))
-            paths = self.paths(key)
-            if not all(path.is_file() for path in paths.values()):
+            if not self._complete(key):
                 return None
             os.utime(self.root / "files" / key)  # eviction drops the least recently used entries first
         except (OSError, ValueError):
             return None
-        return Entry(key, paths, record)
+        return Entry(key, self.paths(key), record)
+
+    def download(self, key: str, file_format: str) -> Path | None:
+        """The stored result's file in ``file_format`` (any of ``export.FORMATS``): encoded from the
+        entry's source and written the first time it is asked for, then kept (and counted) with the
+        entry. None when there is no such entry (never made, or evicted). Concurrent requests for a
+        file not yet written wait for the first to write it. OSError (e.g. a full disk) leaves no
+        partial file."""
+        if file_format not in FORMATS:
+            raise ValueError(f"unknown download format {file_format!r}; allowed: {', '.join(FORMATS)}")
+        with self._export_lock:
+            if self.load(key) is None:
+                return None
+            paths = self.paths(key, (file_format,))
+            path = paths[file_format]
+            if path.is_file():
+                return path
+            try:
+                mesh, texture = read_source(paths["source"])
+            except (OSError, ValueError, KeyError):  # evicted meanwhile (or an earlier version's entry)
+                return None
+            data = encode_download(mesh, texture, file_format, _stem(key))
+            with self._lock:  # eviction cannot remove the folder while the file goes in
+                if not path.parent.is_dir():
+                    return None
+                write_atomic(path, data)
+        self.enforce_limits(keep=key)  # the entry grew: the folder stays within its budget
+        return path
 
     def save(self, key: str, mesh, record: dict, texture=None, preview=None) -> Entry:
-        """Exports a model-frame ``mesh`` (with its ``texture``) in every format, the ``preview``
-        image [H, W, 3] uint8, and the record; readers never see a partial entry.
+        """Stores a model-frame ``mesh`` (with its ``texture``): its GLB, the ``preview`` image
+        [H, W, 3] uint8, the source the other downloads are encoded from (``download``), and the
+        record. Readers never see a partial entry, and a failure (OSError with ``errno.ENOSPC`` on a
+        full disk) leaves none: the staging folder, or the entry, is removed.
 
-        ``record["timings"]["export"]`` is set to the export time.
+        ``record["timings"]["export"]`` is set to the time this takes.
         """
         from PIL import Image
 
@@ -158,23 +211,47 @@ class ResultStore:
             start = time.perf_counter()
             paths = self.paths(key)
             stem = paths["glb"].stem
-            for fmt in ("glb", "ply", "stl"):
-                (staging / paths[fmt].name).write_bytes(encode_mesh(mesh, fmt, stem, texture)[f"{stem}.{fmt}"])
-            (staging / paths["obj"].name).write_bytes(zip_files(encode_mesh(mesh, "obj", stem, texture)))
+            (staging / paths["glb"].name).write_bytes(encode_mesh(mesh, "glb", stem, texture)[f"{stem}.glb"])
             Image.fromarray(preview).save(staging / paths["preview"].name)
+            (staging / paths["source"].name).write_bytes(source_bytes(mesh, texture))
             record = {**record, "timings": {**record.get("timings", {}), "export": time.perf_counter() - start}}
             staging.chmod(0o755)
             for path in staging.iterdir():
                 path.chmod(0o644)
             with self._lock:
-                shutil.rmtree(self.root / "files" / key, ignore_errors=True)  # a stale or incomplete entry
-                os.replace(staging, self.root / "files" / key)
-                write_atomic(self.root / "records" / f"{key}.json",
-                             json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
+                folder = self.root / "files" / key
+                shutil.rmtree(folder, ignore_errors=True)  # a stale or incomplete entry
+                os.replace(staging, folder)
+                try:
+                    write_atomic(self.root / "records" / f"{key}.json",
+                                 json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"))
+                except BaseException:
+                    shutil.rmtree(folder, ignore_errors=True)  # files without their record: no entry
+                    raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return Entry(key, self.paths(key), record, fresh=True)
+
+    def _recover(self) -> None:
+        """Removes what a writer killed mid-way left: staging folders, partial atomic writes
+        (``.*.tmp``), result folders without their record or files, records without their folder."""
+        with self._lock:
+            for child in (self.root / ".staging").iterdir():
+                shutil.rmtree(child, ignore_errors=True)
+            folders = [self.root / name for name in ("files", "records", "thumbs")]
+            folders += [p for p in (self.root / "files").iterdir() if p.is_dir()]
+            for folder in folders:
+                for partial in folder.glob(".*.tmp"):
+                    partial.unlink(missing_ok=True)
+            for folder in (self.root / "files").iterdir():
+                key = folder.name
+                if folder.is_dir() and _KEY.fullmatch(key) and not (
+                        (self.root / "records" / f"{key}.json").is_file() and self._complete(key)):
+                    shutil.rmtree(folder, ignore_errors=True)
+            for record in (self.root / "records").glob("*.json"):
+                if _KEY.fullmatch(record.stem) and not (self.root / "files" / record.stem).is_dir():
+                    record.unlink(missing_ok=True)
 
     def pending_glb(self, key: str, mesh) -> Path:
         """A vertex-coloured GLB shown while the texture bakes (``files/<key>.pending/``, removed
@@ -264,6 +341,11 @@ class ResultStore:
         return removed
 
 
+def _stem(key: str) -> str:
+    """The start of an entry's file names."""
+    return f"triplaneturbo-{key[:12]}"
+
+
 def _mtime(path: Path, default: float) -> float:
     try:
         return path.stat().st_mtime
@@ -320,4 +402,5 @@ def read_image(path: Path):
         return np.asarray(image.convert("RGB"))
 
 
-__all__ = ["Entry", "MARKER", "OutputFolderError", "ResultStore", "checked_thumbnail", "read_image", "thumbnail_jpeg"]
+__all__ = ["DISK_FULL", "DOWNLOADS", "Entry", "MARKER", "OutputFolderError", "ResultStore", "checked_thumbnail",
+           "read_image", "thumbnail_jpeg"]

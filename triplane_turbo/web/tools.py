@@ -30,15 +30,16 @@ from .handlers import (GENERATE_PARAMETERS, GPU_GROUP, VARIANT_PARAMETERS, Handl
 from .service import Stored
 from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, RANDOM_SEED_LIMIT, InputError, Settings,
                        settings_from_inputs, variant_settings)
-from .store import Entry
+from .downloads import download_url
+from .store import DOWNLOADS, Entry
 
 #: The tools' parameters, in their order (each also one of the page's parameters, for the verdicts).
 TOOL_GENERATE_PARAMETERS = ["prompt", "seed", "mesh_resolution", "texture", "remove_floaters", "target_faces"]
 TOOL_VARIANT_PARAMETERS = VARIANT_PARAMETERS
 #: The tools' endpoints as ``gradio_client`` names them (the MCP tools are named after the functions).
 TOOL_API_NAMES = {"generate": "mcp_generate", "variants": "mcp_variants"}
-#: The downloads of a result, as the tools name them, and the store's names for them.
-DOWNLOADS = {"glb": "glb", "obj_zip": "obj", "ply": "ply", "stl": "stl"}
+#: The tools' names for the store's download formats where they differ (the OBJ comes zipped with its texture).
+ANSWER_NAMES = {"obj": "obj_zip"}
 
 
 def one_line_per_argument(fn):
@@ -214,10 +215,11 @@ class Tools:
                    "cached": not entry.fresh, "total_seconds": round(time.perf_counter() - started, 3)}
         details.pop("warnings", None)
         return {"seed": settings.seed, "glb_url": file_url(page, entry.files["glb"]),
-                "downloads": {name: file_url(page, entry.files[kind]) for name, kind in DOWNLOADS.items()},
+                "downloads": {ANSWER_NAMES.get(fmt, fmt): file_url(page, entry.files[fmt]) if fmt == "glb" else
+                              download_url(page, entry.key, fmt, entry.files[fmt].name) for fmt in DOWNLOADS},
                 "preview_url": file_url(page, entry.files["preview"]), "link": settings.share_link(page),
                 "details": details, "warnings": [*notes, *record.get("warnings", [])]}
 
 
-__all__ = ["DOWNLOADS", "TOOL_API_NAMES", "TOOL_GENERATE_PARAMETERS", "Tools", "file_url", "offer_tools",
+__all__ = ["ANSWER_NAMES", "TOOL_API_NAMES", "TOOL_GENERATE_PARAMETERS", "Tools", "file_url", "offer_tools",
            "one_line_per_argument"]
