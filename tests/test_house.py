@@ -60,3 +60,26 @@ def test_no_module_is_longer_than_one_sitting():
     paths = [*PACKAGE.rglob("*.py"), *(REPO / "bench").glob("*.py")]
     long = {str(p.relative_to(REPO)): n for p in paths if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_every_import_of_the_library_names_a_module_that_exists():
+    """Imports inside functions too (deferred on purpose, so importing the module does not run them):
+    after a module moves, a stale one fails only when its function is first called."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    stale = []
+    for path in paths:
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(anchor + ([node.module] if node.module else []))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                target = next((n for n in names if n.startswith("triplane_turbo")), None)
+            else:
+                continue
+            if target and target not in modules:
+                stale.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
+    assert not stale, "imports of modules that do not exist: " + "; ".join(stale)

@@ -1,4 +1,5 @@
-"""The Gradio handlers: requests in, component values out; with ``tools`` (the MCP tools), the only Gradio in ``web``.
+"""The Gradio handlers: requests in, component values out; with ``tools`` (the MCP tools) and ``downloads``
+(the download links and their route), the only Gradio in ``web``.
 
 How requests flow through Gradio's own queue (``app.py`` wires it):
 
@@ -32,7 +33,8 @@ from .service import FirstLook, GenerationError, GenerationService, Stored
 from .settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, EXAMPLE_SEED, HISTORY_SIZE, InputError, Settings,
                        inputs_from_link, settings_from_entry, settings_from_inputs, texture_label, variant_settings)
 from .downloads import DownloadLink, download_url
-from .store import DOWNLOADS, Entry, checked_thumbnail, read_image, thumbnail_jpeg
+from .store import DOWNLOADS, Entry
+from .thumbnails import checked_thumbnail, read_image, thumbnail_jpeg
 
 logger = logging.getLogger("triplane_turbo.app")
 

@@ -65,7 +65,7 @@ def read_source(path):
     import trimesh
     from PIL import Image
 
-    from ..texture import UVTexture
+    from ..texturing.bake import UVTexture
 
     def image(data):
         with Image.open(io.BytesIO(data.tobytes())) as png:
