@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from .export import to_display_frame
+from .frames import to_display_frame
 from .raster import interpolate, rasterize
 from .texture import UVTexture
 
