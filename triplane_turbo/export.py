@@ -37,7 +37,7 @@ from trimesh.exchange.obj import export_obj
 from trimesh.exchange.ply import export_ply
 
 from .fileio import write_atomic
-from .frames import DEFAULT_PRINT_SIZE, Placement, place, to_display_frame, to_print_frame
+from .frames import DEFAULT_PRINT_SIZE, Placement, place, to_display_frame
 from .texture import UVTexture, srgb_to_linear, to_uint8
 
 #: File formats ``export_mesh`` writes.
@@ -222,29 +222,17 @@ def _glb_file(surface: dict, colors: np.ndarray | None, texture: UVTexture | Non
 
 
 def _usdz_file(surface: dict, colors: np.ndarray | None, texture: UVTexture | None) -> bytes:
-    """The USDZ of the same arrays as the GLB (vertex colours in sRGB: usdz.py converts them)."""
+    """The USDZ of the same arrays as the GLB (vertex colours in linear light, as USD's are; not
+    rounded to 8 bits as the GLB's COLOR_0 is)."""
     from .usdz import usdz_bytes
 
     if texture is None:
-        return usdz_bytes(surface["positions"], surface["faces"], normals=surface["normals"], colors=colors,
+        linear = srgb_to_linear(colors[:, :3] / 255.0) if colors is not None else None
+        return usdz_bytes(surface["positions"], surface["faces"], normals=surface["normals"], colors=linear,
                           roughness=ROUGHNESS)
     return usdz_bytes(surface["positions"], surface["faces"], normals=surface["normals"], uv=surface["uv"],
                       base_color=png_bytes(texture.base_color), roughness=ROUGHNESS,
                       normal_map=png_bytes(texture.normal) if texture.normal is not None else None)
-
-
-def _print_file(display: trimesh.Trimesh, file_format: str, name: str, colors: np.ndarray | None,
-                texture: UVTexture | None, print_size: float) -> bytes:
-    """STL or 3MF in the print frame; 3MF with colours per corner (the texture's, sampled at the UVs)."""
-    from .printing import sample_texture, stl_bytes, threemf_bytes
-
-    vertices = to_print_frame(display.vertices, print_size)
-    if file_format == "stl":
-        return stl_bytes(vertices, display.faces)
-    if texture is not None:
-        return threemf_bytes(vertices, display.faces, name=name, colors=sample_texture(texture.base_color, texture.uv),
-                             corners=texture.faces)
-    return threemf_bytes(vertices, display.faces, name=name, colors=colors)
 
 
 def _unit_normals(normals: np.ndarray) -> np.ndarray:
@@ -323,7 +311,10 @@ def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh", tex
         process=False,
     )
     if file_format in PRINT_FORMATS:
-        return {f"{name}.{file_format}": _print_file(display, file_format, name, colors, texture, print_size)}
+        from .printing import print_file
+
+        return {f"{name}.{file_format}": print_file(display.vertices, display.faces, file_format, name=name,
+                                                    colors=colors, texture=texture, print_size=print_size)}
     positions = place(display.vertices, placement)
     if file_format in ("glb", "usdz"):
         encode = _glb_file if file_format == "glb" else _usdz_file

@@ -22,6 +22,32 @@ import numpy as np
 import trimesh
 from trimesh.exchange.stl import export_stl
 
+from .frames import DEFAULT_PRINT_SIZE, to_print_frame
+
+
+def print_file(vertices: np.ndarray, faces: np.ndarray, file_format: str, *, name: str = "mesh",
+               colors: np.ndarray | None = None, texture=None, print_size: float = DEFAULT_PRINT_SIZE) -> bytes:
+    """The STL or 3MF of a display-frame mesh, turned into the print frame.
+
+    Args:
+        vertices: [V, 3] display-frame positions (any size); faces: [F, 3] outward faces.
+        file_format: "stl" or "3mf".
+        name: the 3MF object's name.
+        colors: [V, 4] uint8 sRGB vertex colours (3MF), or None.
+        texture: a ``UVTexture`` of this mesh (3MF: its base colour sampled at each corner's UV; it
+            wins over ``colors``).
+        print_size: the largest side in millimetres.
+    """
+    printed = to_print_frame(vertices, print_size)
+    if file_format == "stl":
+        return stl_bytes(printed, faces)
+    if file_format != "3mf":
+        raise ValueError(f"not a print format: {file_format!r} (stl, 3mf)")
+    if texture is not None:
+        return threemf_bytes(printed, faces, name=name, colors=sample_texture(texture.base_color, texture.uv),
+                             corners=texture.faces)
+    return threemf_bytes(printed, faces, name=name, colors=colors)
+
 
 def stl_bytes(vertices: np.ndarray, faces: np.ndarray) -> bytes:
     """Binary STL of print-frame ``vertices`` [V, 3] (mm) and outward ``faces`` [F, 3]."""
@@ -103,4 +129,4 @@ def threemf_bytes(vertices: np.ndarray, faces: np.ndarray, *, name: str = "mesh"
     return buffer.getvalue()
 
 
-__all__ = ["sample_texture", "stl_bytes", "threemf_bytes"]
+__all__ = ["print_file", "sample_texture", "stl_bytes", "threemf_bytes"]

@@ -24,8 +24,6 @@ import tempfile
 
 import numpy as np
 
-from .texture import srgb_to_linear
-
 #: Paths inside the package. The textures' start with "./": relative to the layer. (Without it USD
 #: takes "textures/x.png" for a search path, and the packager files it under "0/" with a warning.)
 LAYER, BASE_COLOR, NORMAL_MAP = "model.usdc", "./textures/base_color.png", "./textures/normal.png"
@@ -41,7 +39,8 @@ def usdz_bytes(positions: np.ndarray, faces: np.ndarray, *, normals: np.ndarray,
         faces: [F, 3] counter-clockwise (outward) vertex indices.
         normals: [V, 3] unit vertex normals.
         uv: [V, 2] texture coordinates, v up (needed with ``base_color``).
-        colors: [V, 4] uint8 sRGB vertex colours (alpha ignored), used when there is no texture.
+        colors: [V, 3] vertex colours in linear light, floats in [0, 1] (USD's ``displayColor``), used
+            when there is no texture.
         base_color, normal_map: PNG bytes of the base colour (sRGB) and the tangent-space normal map.
         roughness: the material's roughness.
 
@@ -98,7 +97,7 @@ def usdz_bytes(positions: np.ndarray, faces: np.ndarray, *, normals: np.ndarray,
                 surface.CreateInput("normal", Sdf.ValueTypeNames.Normal3f).ConnectToSource(
                     bumps.CreateOutput("rgb", Sdf.ValueTypeNames.Float3))
         elif colors is not None:
-            linear = srgb_to_linear(np.asarray(colors)[:, :3] / 255.0).astype(np.float32)
+            linear = np.ascontiguousarray(colors, np.float32)
             mesh.CreateDisplayColorPrimvar(UsdGeom.Tokens.vertex).Set(Vt.Vec3fArray.FromNumpy(linear))
             reader = _shader(stage, "/Model/Material/Colors", "UsdPrimvarReader_float3")
             reader.CreateInput("varname", Sdf.ValueTypeNames.String).Set("displayColor")
