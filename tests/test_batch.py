@@ -87,8 +87,8 @@ def test_a_batch_writes_placed_usdz_and_print_ready_3mf(tmp_path, tiny_pipe):
     from pxr import Usd, UsdGeom
 
     lines = [PromptLine(1, "a wooden chair")]
-    for settings in (BatchSettings(mesh_resolution=32, file_format="usdz", texture="vertex", origin="bottom", scale=2.0),
-                     BatchSettings(mesh_resolution=32, file_format="3mf", texture="vertex", print_size=40.0)):
+    for settings in (BatchSettings(32, "usdz", "vertex", origin="bottom", scale=2.0),
+                     BatchSettings(32, "3mf", "vertex", print_size=40.0)):
         out = tmp_path / settings.file_format
         out.mkdir()
         assert run_batch(tiny_pipe, lines, out, settings).ok == 1

@@ -123,8 +123,9 @@ meshes.MoveNext()
 mesh = meshes.GetCurrentMeshObject()
 groups = model.GetColorGroups()
 colors = [groups.GetCurrentColorGroup().GetCount() for _ in iter(groups.MoveNext, False)]
-print(json.dumps({"millimetres": model.GetUnit() == lib3mf.ModelUnit.MilliMeter, "vertices": mesh.GetVertexCount(), "triangles": mesh.GetTriangleCount(),
-                  "colors": colors, "warnings": [reader.GetWarning(i)[1] for i in range(reader.GetWarningCount())]}))
+warnings = [reader.GetWarning(i)[1] for i in range(reader.GetWarningCount())]
+print(json.dumps({"millimetres": model.GetUnit() == lib3mf.ModelUnit.MilliMeter, "vertices": mesh.GetVertexCount(),
+                  "triangles": mesh.GetTriangleCount(), "colors": colors, "warnings": warnings}))
 """
 
 

@@ -87,7 +87,8 @@ def test_the_stage_is_y_up_in_metres_with_the_glbs_vertices(files, case):
     if "TEXCOORD_0" in accessors:
         st = np.array(UsdGeom.PrimvarsAPI(mesh).GetPrimvar("st").Get(), np.float64)
         glb_uv = accessors["TEXCOORD_0"].astype(np.float64)
-        np.testing.assert_allclose(st, np.stack([glb_uv[:, 0], 1 - glb_uv[:, 1]], axis=1), atol=1e-7)  # glTF's v is down
+        # glTF's v runs down
+        np.testing.assert_allclose(st, np.stack([glb_uv[:, 0], 1 - glb_uv[:, 1]], axis=1), atol=1e-7)
 
 
 def package_image(usdz, shader: UsdShade.Shader) -> np.ndarray:
@@ -114,7 +115,8 @@ def test_the_material_reads_the_baked_images(files, cases, case):
         assert normal.HasConnectedSource()
         bumps = source_shader(normal)
         assert bumps.GetInput("sourceColorSpace").Get() == "raw"
-        assert tuple(bumps.GetInput("scale").Get()) == (2, 2, 2, 1) and tuple(bumps.GetInput("bias").Get()) == (-1, -1, -1, 0)
+        assert tuple(bumps.GetInput("scale").Get()) == (2, 2, 2, 1)
+        assert tuple(bumps.GetInput("bias").Get()) == (-1, -1, -1, 0)
         np.testing.assert_array_equal(package_image(usdz, bumps), texture.normal)
 
 

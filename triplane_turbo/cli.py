@@ -106,7 +106,7 @@ def placement_options(args: argparse.Namespace, file_format: str) -> dict:
 
     if file_format in PRINT_FORMATS:
         if args.origin is not None or args.scale is not None:
-            raise ValueError(f"--origin and --scale apply to glb, obj, ply and usdz; {file_format} is placed for "
+            raise ValueError(f"--origin and --scale apply to glb, obj, ply, usdz; {file_format} is placed for "
                              "printing (+Z up, on z = 0; size it with --print-size)")
         return {"print_size": args.print_size if args.print_size is not None else DEFAULT_PRINT_SIZE}
     if args.print_size is not None:

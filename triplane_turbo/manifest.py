@@ -90,7 +90,8 @@ def line_seed(base_seed: int, line: int) -> int:
 
 def output_name(line: int, prompt: str, seed: int, settings: BatchSettings) -> str:
     """``000042-<10 hex>.<format>``: the line number, and a hash of what made the mesh."""
-    digest = hashlib.sha256(json.dumps([prompt, seed, settings_record(settings)], sort_keys=True).encode()).hexdigest()[:10]
+    made_by = json.dumps([prompt, seed, settings_record(settings)], sort_keys=True)
+    digest = hashlib.sha256(made_by.encode()).hexdigest()[:10]
     return f"{line:06d}-{digest}.{settings.file_format}"
 
 
