@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from .frames import to_display_frame
+from .export import to_display_frame
 from .raster import interpolate, rasterize
 from .texture import UVTexture
 

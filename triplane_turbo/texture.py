@@ -246,7 +246,7 @@ def bake_texture(fields: TriplaneFields, triplane: torch.Tensor, mesh: trimesh.T
     normal = tangents = None
     if normal_map:
         with timed(timings, device, "normal"):
-            from .frames import to_display_frame
+            from .export import to_display_frame
             from .tangents import mikktspace, split_by_corner
 
             vertex_normals = _unit(np.asarray(mesh.vertex_normals, dtype=np.float64)).astype(np.float32)
