@@ -20,6 +20,7 @@ it outward normals, is kept.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +80,7 @@ class Placement:
 
 
 def _check_range(name: str, value: float, bounds: tuple[float, float]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not bounds[0] <= value <= bounds[1]:
         raise ValueError(f"{name} must be a number from {bounds[0]:g} to {bounds[1]:g}, got {value!r}")
     return value
