@@ -36,7 +36,7 @@ from .conftest import APP_MAX_QUEUE, release, slow_app
 PARAMETERS = ["prompt", "seed", "randomize_seed", "mesh_resolution", "remove_floaters", "simplify", "target_faces",
               "texture"]
 STAGES = {"text", "denoise", "decode", "fields", "isosurface", "color", "texture", "export"}
-KINDS = ("glb", "obj", "ply", "stl")
+KINDS = ("glb", "obj", "ply", "stl", "usdz", "3mf")
 
 
 def local_client(url: str, download_files) -> Client:
@@ -78,6 +78,12 @@ def load_download(path, kind) -> trimesh.Trimesh:
         stem = Path(path).name.removesuffix("-obj.zip")
         assert names == [f"{stem}.mtl", f"{stem}.obj", f"{stem}.png"]
         return trimesh.load(folder / f"{stem}.obj", force="mesh", process=False)
+    if kind == "usdz":  # Pixar's USD reads it (trimesh cannot): one triangle mesh
+        from pxr import Usd, UsdGeom
+
+        (mesh,) = [UsdGeom.Mesh(p) for p in Usd.Stage.Open(str(path)).Traverse() if p.IsA(UsdGeom.Mesh)]
+        faces = np.asarray(mesh.GetFaceVertexIndicesAttr().Get()).reshape(-1, 3)
+        return trimesh.Trimesh(np.asarray(mesh.GetPointsAttr().Get()), faces, process=False)
     return trimesh.load(path, force="mesh", process=False)
 
 

@@ -57,6 +57,56 @@ def test_file_names_come_from_the_line_and_a_hash_never_the_prompt():
     assert name != output_name(12, "../../etc/passwd", 16, BatchSettings(file_format="obj", mesh_resolution=128))
 
 
+def test_placement_settings_name_new_files_and_leave_the_old_names_alone():
+    """A batch started before --origin/--scale/--print-size resumes with the same names: the new
+    fields count only once they leave their defaults."""
+    import hashlib
+
+    old = {"mesh_resolution": 160, "file_format": "glb", "texture": "uv", "texture_size": 1024, "target_faces": None,
+           "unwrap": "fast"}  # BatchSettings() as it was
+    digest = hashlib.sha256(json.dumps(["a chair", 7, old], sort_keys=True).encode()).hexdigest()[:10]
+    assert output_name(3, "a chair", 7, BatchSettings()) == f"000003-{digest}.glb"
+    placed = {output_name(3, "a chair", 7, BatchSettings(origin="bottom")),
+              output_name(3, "a chair", 7, BatchSettings(scale=0.5)),
+              output_name(3, "a chair", 7, BatchSettings(file_format="stl", print_size=50.0))}
+    assert len(placed) == 3 and f"000003-{digest}.glb" not in placed
+
+
+def test_the_batch_command_takes_the_placement_options():
+    from triplane_turbo import batch
+
+    args = batch.parse_args(["p.txt", "--out", "o", "--format", "usdz", "--origin", "bottom", "--scale", "0.01"])
+    assert args.placement == {"origin": "bottom", "scale": 0.01}
+    args = batch.parse_args(["p.txt", "--out", "o", "--format", "3mf", "--print-size", "60"])
+    assert args.placement == {"print_size": 60.0}
+    with pytest.raises(SystemExit):
+        batch.parse_args(["p.txt", "--out", "o", "--format", "stl", "--origin", "bottom"])
+
+
+def test_a_batch_writes_placed_usdz_and_print_ready_3mf(tmp_path, tiny_pipe):
+    from pxr import Usd, UsdGeom
+
+    lines = [PromptLine(1, "a wooden chair")]
+    for settings in (BatchSettings(32, "usdz", "vertex", origin="bottom", scale=2.0),
+                     BatchSettings(32, "3mf", "vertex", print_size=40.0)):
+        out = tmp_path / settings.file_format
+        out.mkdir()
+        assert run_batch(tiny_pipe, lines, out, settings).ok == 1
+        record = read_records(out)[1]
+        assert record["settings"]["file_format"] == settings.file_format
+        path = out / record["file"]
+        if settings.file_format == "usdz":
+            assert record["settings"]["origin"] == "bottom" and record["settings"]["scale"] == 2.0
+            stage = Usd.Stage.Open(str(path))
+            (points,) = [UsdGeom.Mesh(p).GetPointsAttr().Get() for p in stage.Traverse() if p.IsA(UsdGeom.Mesh)]
+            points = np.array(points)
+            assert points[:, 1].min() == 0.0 and 1.6 < np.ptp(points, axis=0).max() < 2.4
+        else:
+            assert record["settings"]["print_size"] == 40.0 and "origin" not in record["settings"]
+            (printed,) = trimesh.load_scene(path).geometry.values()
+            assert printed.bounds[0, 2] == 0.0 and np.isclose(np.ptp(printed.vertices, axis=0).max(), 40.0)
+
+
 def test_a_torn_last_record_is_dropped(tmp_path):
     manifest = RankManifest(tmp_path, 0)
     manifest.append({"line": 1, "status": "ok", "file": "a"})

@@ -57,10 +57,33 @@ def test_vertex_colours_obj_with_its_texture_and_stl(tmp_path, monkeypatch, caps
     assert "(+ chair.mtl, chair.png)" in out
     loaded = trimesh.load(tmp_path / "out" / "chair.obj", force="mesh")
     assert len(loaded.faces) <= 1100 and loaded.visual.material.image.size == (128, 128)
-    code, _, err = run(["a lamp", "--tiny", "--format", "stl", "--resolution", "32", "-q"], tmp_path, monkeypatch,
-                       capsys)
+    code, _, err = run(["a lamp", "--tiny", "--format", "stl", "--resolution", "32", "--print-size", "50", "-q"],
+                       tmp_path, monkeypatch, capsys)
     assert code == 0, err
-    assert trimesh.load(tmp_path / "mesh.stl").faces.shape[0] > 0
+    printed = trimesh.load(tmp_path / "mesh.stl")  # print-ready: on the plate, 50 mm on its largest side
+    assert printed.faces.shape[0] > 0 and printed.is_watertight and printed.bounds[0, 2] == 0.0
+    assert np.isclose(np.ptp(printed.vertices, axis=0).max(), 50.0)
+
+
+def test_usdz_placed_at_its_base(tmp_path, monkeypatch, capsys):
+    """A USDZ with its pivot at the base at half size, simplified (so with a normal map). (The print
+    formats from the command line: the STL run above; 3MF through the batch, tests/test_batch.py.)"""
+    from pxr import Usd, UsdGeom, UsdUtils
+
+    code, out, err = run(["a wooden chair", "--tiny", "-o", "chair.usdz", "--seed", "3", "--resolution", "48",
+                          "--faces", "600", "--texture-size", "64", "--origin", "bottom", "--scale", "0.5", "-q"],
+                         tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("chair.usdz: ")
+    stage = Usd.Stage.Open(str(tmp_path / "chair.usdz"))
+    (points,) = [UsdGeom.Mesh(p).GetPointsAttr().Get() for p in stage.Traverse() if p.IsA(UsdGeom.Mesh)]
+    points = np.array(points)
+    assert points[:, 1].min() == 0.0 and np.abs(points.min(0) + points.max(0))[[0, 2]].max() < 1e-6
+    assert 0.4 < np.ptp(points, axis=0).max() <= 0.5 * 1.2  # the model is about 1 unit across
+    checker = UsdUtils.ComplianceChecker(arkit=True)
+    checker.CheckCompliance(str(tmp_path / "chair.usdz"))
+    assert checker.GetErrors() == [] and checker.GetFailedChecks() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.usdz"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,7 +92,13 @@ def test_vertex_colours_obj_with_its_texture_and_stl(tmp_path, monkeypatch, caps
     (["a chair", "--tiny", "--seed=--5"], "seed must be a whole number"),
     (["a chair", "--tiny", "--seed", "1e3"], "seed must be a whole number"),
     (["a chair", "--tiny", "--resolution", "9999"], "mesh resolution must be between 32 and 512"),
-    (["a chair", "--tiny", "-o", "x.fbx"], "unknown format"),
+    (["a chair", "--tiny", "-o", "x.fbx"], "unknown format 'fbx'; choose one of glb, obj, ply, stl, usdz, 3mf"),
+    (["a chair", "--tiny", "-o", "x.stl", "--origin", "bottom"], "--origin and --scale apply to glb, obj, ply, usdz"),
+    (["a chair", "--tiny", "-o", "x.3mf", "--scale", "2"], "--origin and --scale apply to glb, obj, ply, usdz"),
+    (["a chair", "--tiny", "-o", "x.usdz", "--print-size", "50"], "--print-size applies to stl and 3mf"),
+    (["a chair", "--tiny", "--scale", "0"], "scale must be a number from"),
+    (["a chair", "--tiny", "-o", "x.3mf", "--print-size", "0.5"], "print size must be a number from 1 to 10000"),
+    (["a chair", "--tiny", "--origin", "top"], "invalid choice: 'top'"),
     (["a chair", "--steps", "0"], "num_steps must be an integer between 1 and 50"),  # before any loading
     (["a chair", "--tiny", "--steps", "51"], "num_steps must be an integer between 1 and 50"),
     (["a chair", "--tiny", "--texture-size", "32"], "texture size must be between 64 and 4096"),
@@ -115,6 +144,8 @@ def test_loading_errors_are_one_line_not_a_traceback(tmp_path, monkeypatch, caps
 # ---------------------------------------------------------------------------------------------
 SHARED = ("--base-model", "--adapter", "--tiny", "--device", "--dtype", "--resolution", "--texture",
           "--texture-size", "--unwrap", "--faces")
+#: The placement options of the commands that write meshes.
+PLACEMENT = ("--origin", "--scale", "--print-size")
 PARSERS = {"generate": (generate_cli.build_parser, ["a chair"]),
            "batch": (batch.build_parser, ["prompts.txt", "--out", "o"]),
            "train": (train.build_parser, ["--prompts", "p.txt", "--steps", "1", "--output", "o"]),
@@ -130,6 +161,9 @@ def test_the_commands_share_one_option_set_with_the_librarys_bounds(capsys):
     for option in SHARED:
         actions = [options[name][option] for name in PARSERS]
         assert len({(a.type, tuple(a.choices or ()), a.nargs, a.const) for a in actions}) == 1, option
+    for option in PLACEMENT:
+        actions = [options[name][option] for name in ("generate", "batch")]
+        assert len({(a.type, tuple(a.choices or ()), a.nargs, a.const, a.default) for a in actions}) == 1, option
     from triplane_turbo.config import MAX_RESOLUTION, MIN_RESOLUTION
     from triplane_turbo.inputs import MAX_TARGET_FACES, MIN_TARGET_FACES
     from triplane_turbo.texturing.bake import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE

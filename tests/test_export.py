@@ -12,7 +12,9 @@ import trimesh
 
 from triplane_turbo import export as export_module
 from triplane_turbo.export import FORMATS, export_mesh, linear_vertex_colors
-from triplane_turbo.frames import to_display_frame
+from triplane_turbo.frames import to_display_frame, to_print_frame
+
+from .mesh_samples import assert_same_vertex_set
 
 
 @pytest.fixture
@@ -110,22 +112,16 @@ def test_round_trip_keeps_vertices_faces_and_colours(mesh, tmp_path, file_format
     assert os.listdir(tmp_path) == [path.name]  # no .mtl, texture or leftover temp file
 
 
-def test_stl_holds_the_same_geometry(mesh, tmp_path):
+def test_stl_holds_the_same_geometry_in_the_print_frame(mesh, tmp_path):
+    """STL comes in the print frame (tests/test_printing.py checks the frame itself)."""
     path = export_mesh(mesh, tmp_path / "mesh.stl")
     # STL stores each triangle's corners separately; merging restores the shared vertices.
     loaded = trimesh.load(path, force="mesh", process=True)
     assert len(loaded.vertices) == len(mesh.vertices)
     assert len(loaded.faces) == len(mesh.faces)
-
-    def sorted_rows(points):
-        # Sort on rounded keys: STL's float32 rounding must not reorder tied coordinates.
-        points = np.asarray(points, dtype=np.float64)
-        return points[np.lexsort(np.round(points, 5).T[::-1])]
-
-    np.testing.assert_allclose(
-        sorted_rows(loaded.vertices), sorted_rows(to_display_frame(mesh.vertices)), atol=1e-6
-    )
-    np.testing.assert_allclose(loaded.volume, mesh.volume, rtol=1e-5)
+    assert_same_vertex_set(loaded.vertices, to_print_frame(to_display_frame(mesh.vertices)), atol=1e-4)
+    scale = 100.0 / np.ptp(to_display_frame(mesh.vertices), axis=0).max()
+    np.testing.assert_allclose(loaded.volume, mesh.volume * scale**3, rtol=1e-5)
 
 
 def test_glb_material_is_not_metallic_and_has_vertex_colours(mesh, tmp_path):
@@ -222,7 +218,7 @@ def test_input_mesh_is_not_modified(mesh, tmp_path):
 
 
 def test_unknown_format_and_empty_mesh_raise(mesh, tmp_path):
-    with pytest.raises(ValueError, match="allowed: glb, obj, ply, stl"):
+    with pytest.raises(ValueError, match="allowed: glb, obj, ply, stl, usdz, 3mf"):
         export_mesh(mesh, tmp_path / "mesh.fbx")
     with pytest.raises(ValueError, match="allowed"):
         export_mesh(mesh, tmp_path / "mesh")  # no suffix, no format

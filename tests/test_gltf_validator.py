@@ -80,3 +80,18 @@ def test_a_glb_with_32_bit_indices_is_clean(tmp_path):
     mesh = trimesh.creation.icosphere(subdivisions=7)  # 163842 vertices
     mesh.visual.vertex_colors = np.tile([200, 120, 40, 255], (len(mesh.vertices), 1)).astype(np.uint8)
     assert_clean(validate(export_mesh(mesh, tmp_path / "big.glb")))
+
+
+@pytest.mark.parametrize("normal_map", [False, True])
+def test_placed_glbs_are_clean(chair, tmp_path, normal_map):
+    """--origin bottom --scale 0.01 (a pivot at the base, centimetre-sized): moved and scaled positions
+    and their min/max, with the tangents the normal map was baked against."""
+    fields, triplane, mesh = chair
+    texture = bake_texture(fields, triplane, mesh, 64, normal_map=normal_map) if normal_map else None
+    if texture is None:
+        mesh = mesh.copy()
+        mesh.visual.vertex_colors = vertex_colors(fields, triplane, mesh.vertices)
+    path = export_mesh(mesh, tmp_path / "placed.glb", texture=texture, origin="bottom", scale=0.01)
+    assert_clean(validate(path))
+    (geometry,) = trimesh.load_scene(path).geometry.values()
+    assert abs(geometry.bounds[0, 1]) < 1e-9 and np.ptp(geometry.vertices, axis=0).max() < 0.0105

@@ -92,7 +92,7 @@ def test_generate_through_mcp_names_a_glb_that_loads(app_server):
                                      process=False).geometry.values()
     assert len(geometry.faces) == details["faces"] > 100
     assert geometry.visual.material.baseColorTexture.size == (app_server.texture_size,) * 2
-    assert sorted(answer["downloads"]) == ["glb", "obj_zip", "ply", "stl"]
+    assert sorted(answer["downloads"]) == ["3mf", "glb", "obj_zip", "ply", "stl", "usdz"]
     assert answer["downloads"]["glb"] == answer["glb_url"]
     stl = trimesh.load(io.BytesIO(fetch(answer["downloads"]["stl"])), file_type="stl", process=False)
     assert len(stl.faces) == details["faces"]

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_seed, default=None, help="random seed (default: random, printed)")
     parser.add_argument("--steps", type=_steps, default=4, help="denoising steps (the model is distilled for 4)")
     cli.add_mesh_options(parser)
+    cli.add_placement_options(parser)
     cli.add_model_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     file_format = args.format or (args.output.suffix.lstrip(".").lower() if args.output and args.output.suffix else "glb")
     if file_format not in FORMATS:
         parser.error(f"unknown format {file_format!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        placement = cli.placement_options(args, file_format)
+    except ValueError as exc:
+        parser.error(str(exc))
     output = args.output or Path(f"mesh.{file_format}")
     device = cli.resolve_device(args.device)
     dtype = cli.resolve_dtype(args.dtype, device)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no surface for this prompt and seed {result.seeds[0]}; try another seed", file=sys.stderr)
         return 1
     output.parent.mkdir(parents=True, exist_ok=True)
-    path = export_mesh(mesh, output, file_format, texture=result.textures[0])
+    path = export_mesh(mesh, output, file_format, texture=result.textures[0], **placement)
     side = "_".join(path.stem.split())  # as export names the OBJ's side files
     extra = f" (+ {side}.mtl, {side}.png)" if file_format == "obj" and result.textures[0] is not None else ""
     print(f"{path}{extra}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, seed {result.seeds[0]}, "

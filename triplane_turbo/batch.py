@@ -124,7 +124,8 @@ class _Finisher:
                                                             normal_map=bool(self.settings.target_faces),
                                                             unwrap=self.settings.unwrap)
             name = output_name(item.line, item.prompt, seed, self.settings)
-            export_mesh(mesh, self.out_dir / name, self.settings.file_format, texture=texture)
+            export_mesh(mesh, self.out_dir / name, self.settings.file_format, texture=texture,
+                        origin=self.settings.origin, scale=self.settings.scale, print_size=self.settings.print_size)
         except Exception as exc:  # noqa: BLE001 - one bad mesh must not stop the run
             logger.warning("line %d: %s: %s", item.line, type(exc).__name__, exc)
             self.record(item, error=f"{type(exc).__name__}: {exc}")
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_workers_option(parser)
     parser.add_argument("--format", choices=FORMATS, default="glb", help="file format (default glb)")
     cli.add_mesh_options(parser)
+    cli.add_placement_options(parser)
     cli.add_model_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -270,6 +272,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be at least 1")
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be between 0 and {MAX_SEED}")
+    try:
+        args.placement = cli.placement_options(args, args.format)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -292,7 +298,8 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     state = PartialState(cpu=use_cpu)
-    settings = BatchSettings(args.resolution, args.format, args.texture, args.texture_size, args.faces, args.unwrap)
+    settings = BatchSettings(args.resolution, args.format, args.texture, args.texture_size, args.faces, args.unwrap,
+                             **args.placement)
     stats, done_before = run_split(pipe, read_prompts(args.prompts), args.out, settings, state, base_seed=args.seed,
                                    batch_size=args.batch_size, workers=args.workers, bar=not args.quiet)
     if state.is_main_process:

@@ -1,8 +1,8 @@
 """The options every command line shares, declared once: which model, where it runs, and how meshes
 are made. ``python -m triplane_turbo`` (generate), ``.batch``, ``.train`` and ``.evaluate`` add them
-with ``add_model_options`` / ``add_mesh_options``; values are checked by the library's own
-validators, so a bound is the same everywhere (``--texture-size 64`` works wherever the library
-accepts 64).
+with ``add_model_options`` / ``add_mesh_options`` (and, where they write meshes,
+``add_placement_options``); values are checked by the library's own validators, so a bound is the
+same everywhere (``--texture-size 64`` works wherever the library accepts 64).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 
 from .config import (DEFAULT_ADAPTER_REPO, DEFAULT_BASE_MODEL, ENV_ADAPTER, ENV_BASE_MODEL, MAX_RESOLUTION,
                      MIN_RESOLUTION, TEXTURE_MODES, UNWRAP_METHODS)
+from .frames import DEFAULT_PRINT_SIZE, ORIGINS, validate_print_size, validate_scale
 from .inputs import MAX_TARGET_FACES, MIN_TARGET_FACES, validate_resolution, validate_target_faces
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -47,6 +48,8 @@ DEVICE = _checked(_device, cast=str)
 RESOLUTION = _checked(validate_resolution)
 TEXTURE_SIZE = _checked(_texture_size)
 TARGET_FACES = _checked(validate_target_faces)
+SCALE = _checked(validate_scale, cast=float)
+PRINT_SIZE = _checked(validate_print_size, cast=float)
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, dtype_help: str | None = None) -> None:
@@ -80,6 +83,35 @@ def add_mesh_options(parser: argparse.ArgumentParser, *, resolution: int = 160, 
     group.add_argument("--faces", type=TARGET_FACES, default=None,
                        help=f"simplify to about this many faces, {MIN_TARGET_FACES}-{MAX_TARGET_FACES} (with --texture "
                             "uv a normal map keeps the full surface's shading)")
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--origin, --scale (the display formats: GLB, OBJ, PLY, USDZ) and --print-size (STL, 3MF)."""
+    group = parser.add_argument_group("placement (docs/FORMATS.md)")
+    group.add_argument("--origin", choices=ORIGINS, default=None,
+                       help="glb, obj, ply, usdz: the pivot at the bounding box's centre, or at the centre of its "
+                            "base (lowest point, +Y up), as game engines place objects (default: the centre of the "
+                            "generation volume)")
+    group.add_argument("--scale", type=SCALE, default=None,
+                       help="glb, obj, ply, usdz: metres per model unit (default 1: the object is about 1 m across)")
+    group.add_argument("--print-size", type=PRINT_SIZE, default=None, metavar="MM",
+                       help="stl, 3mf: the largest side in millimetres; these always come +Z up, centred, resting "
+                            f"on z = 0 (default {DEFAULT_PRINT_SIZE:g})")
+
+
+def placement_options(args: argparse.Namespace, file_format: str) -> dict:
+    """The export keywords (``origin``, ``scale``, ``print_size``) of ``add_placement_options``'s
+    values for ``file_format``; ValueError for an option that this format does not take."""
+    from .export import PRINT_FORMATS
+
+    if file_format in PRINT_FORMATS:
+        if args.origin is not None or args.scale is not None:
+            raise ValueError(f"--origin and --scale apply to glb, obj, ply, usdz; {file_format} is placed for "
+                             "printing (+Z up, on z = 0; size it with --print-size)")
+        return {"print_size": args.print_size if args.print_size is not None else DEFAULT_PRINT_SIZE}
+    if args.print_size is not None:
+        raise ValueError(f"--print-size applies to stl and 3mf; size {file_format} with --scale")
+    return {"origin": args.origin, "scale": args.scale if args.scale is not None else 1.0}
 
 
 def resolve_device(requested: str | None) -> str:
@@ -175,5 +207,6 @@ def load_pipeline(args: argparse.Namespace, device, dtype, **options):
     return TriplaneTurboPipeline.from_pretrained(args.base_model, args.adapter, device=device, dtype=dtype, **options)
 
 
-__all__ = ["DTYPES", "WEIGHTS_EPILOG", "add_mesh_options", "add_model_options", "add_workers_option", "baking_workers", "load_pipeline", "loading_errors",
+__all__ = ["DTYPES", "WEIGHTS_EPILOG", "add_mesh_options", "add_model_options", "add_placement_options",
+           "add_workers_option", "baking_workers", "load_pipeline", "loading_errors", "placement_options",
            "process_device", "resolve_device", "resolve_dtype"]

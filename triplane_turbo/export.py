@@ -1,15 +1,20 @@
-"""Mesh export to GLB / OBJ / PLY / STL, all in one display orientation.
+"""Mesh export to GLB / OBJ / PLY / USDZ (display frame) and STL / 3MF (print frame).
 
-Meshes come out of ``isosurface.marching_cubes`` in the MODEL frame. Every exported file uses the
-demo's reorientation ``(x, y, z) -> (y, z, x)``: +Y is up and the object's front faces +Z, i.e. a
-viewer looking down -Z sees it (the glTF convention). The map is a cyclic permutation of the axes,
-a proper rotation, so triangle winding (outward normals) is kept.
+Meshes come out of ``isosurface.marching_cubes`` in the MODEL frame. GLB, OBJ, PLY and USDZ use the
+DISPLAY frame (``frames.to_display_frame``, the demo's reorientation ``(x, y, z) -> (y, z, x)``):
++Y is up and the object's front faces +Z, i.e. a viewer looking down -Z sees it (the glTF
+convention); ``origin`` and ``scale`` (``frames.Placement``) then move the pivot and set the size.
+STL and 3MF use the PRINT frame (``frames.to_print_frame``): +Z up, millimetres, the largest side
+``print_size``, centred in x and y, on z = 0. Both maps are proper rotations times positive scales,
+so triangle winding (outward normals) is kept. docs/FORMATS.md has the table for users.
 
 With a baked ``texture.UVTexture``: GLB embeds it (PNG base colour, and the normal map if there is
 one, with the MikkTSpace tangents it was baked against as TANGENT) in a non-metallic PBR material;
-OBJ is written as ``name.obj`` + ``name.mtl`` + ``name.png``. PLY keeps vertex colours; STL is
-geometry only. Vertex colours in a GLB's COLOR_0 are converted from the colour field's sRGB values
-to linear, as glTF defines that attribute, and come with smooth vertex normals.
+OBJ is written as ``name.obj`` + ``name.mtl`` + ``name.png``; USDZ (``usdz.py``) packs the same
+images into a UsdPreviewSurface. PLY keeps vertex colours; STL is geometry only; 3MF
+(``printing.py``) carries colours per triangle corner. Vertex colours in a GLB's COLOR_0 are
+converted from the colour field's sRGB values to linear, as glTF defines that attribute, and come
+with smooth vertex normals.
 
 GLBs are written here (``glb_bytes``) rather than by trimesh, whose writer can put neither a
 TANGENT attribute nor bufferView targets into a file; the result passes the Khronos glTF validator
@@ -30,15 +35,16 @@ import numpy as np
 import trimesh
 from trimesh.exchange.obj import export_obj
 from trimesh.exchange.ply import export_ply
-from trimesh.exchange.stl import export_stl
 
 from .fileio import write_atomic
-from .frames import to_display_frame
+from .frames import DEFAULT_PRINT_SIZE, Placement, place, to_display_frame
 from .texturing.bake import UVTexture, srgb_to_linear
 from .texturing.texels import to_uint8
 
 #: File formats ``export_mesh`` writes.
-FORMATS = ("glb", "obj", "ply", "stl")
+FORMATS = ("glb", "obj", "ply", "stl", "usdz", "3mf")
+#: The formats in the display frame (placed by ``origin`` and ``scale``) and in the print frame.
+DISPLAY_FORMATS, PRINT_FORMATS = ("glb", "obj", "ply", "usdz"), ("stl", "3mf")
 
 
 def _vertex_colors(mesh: trimesh.Trimesh) -> np.ndarray | None:
@@ -178,8 +184,29 @@ def glb_bytes(positions: np.ndarray, faces: np.ndarray, *, normals: np.ndarray |
                      struct.pack("<I4s", len(text), b"JSON"), text, struct.pack("<I4s", len(binary), b"BIN\0"), binary])
 
 
-def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None) -> bytes:
-    """A vertex-coloured (or plain) GLB whose material renders the colours, not a dark metal.
+def _surface(display: trimesh.Trimesh, positions: np.ndarray, texture: UVTexture | None) -> dict:
+    """The arrays a GLB and a USDZ share, from a display-frame mesh and its placed positions.
+
+    Without a texture: ``positions`` [V, 3], ``faces`` and smooth unit ``normals``. With one, the mesh
+    split along the UV seams (``positions[vmapping]``, the texture's faces), ``uv`` and, with a
+    normal map, the display-frame ``tangents`` it was baked against (placing moves and scales
+    uniformly, which turns no normal or tangent).
+    """
+    if texture is None:
+        normals = np.asarray(trimesh.Trimesh(display.vertices, display.faces, process=False).vertex_normals)
+        return {"positions": positions, "faces": np.asarray(display.faces), "normals": _unit_normals(normals)}
+    tangents = None
+    normals = texture.vertex_normals(display)
+    if texture.normal is not None and texture.tangents is not None:
+        tangents = np.array(texture.tangents, dtype=np.float64)
+        tangents[:, :3] = to_display_frame(tangents[:, :3])  # a rotation: the handedness w is kept
+        tangents = _valid_tangents(tangents, normals)
+    return {"positions": np.asarray(positions)[texture.vmapping], "faces": texture.faces,
+            "normals": _unit_normals(normals), "uv": texture.uv, "tangents": tangents}
+
+
+def _glb_file(surface: dict, colors: np.ndarray | None, texture: UVTexture | None) -> bytes:
+    """A GLB whose material renders the texture or the vertex colours, not a dark metal.
 
     Without a material glTF's default one applies (metallicFactor = 1) and viewers show the object
     almost black: the white, non-metallic material multiplied by COLOR_0 shows the colours as they
@@ -187,24 +214,26 @@ def _glb_bytes(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | Non
     values). They are 8-bit, so the darkest tones band; the textured GLB has no such loss. Smooth
     vertex normals come with it: without NORMAL viewers shade every triangle flat.
     """
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
-    normals = _unit_normals(np.asarray(mesh.vertex_normals, dtype=np.float64))
-    return glb_bytes(vertices, faces, normals=normals,
-                     colors=linear_vertex_colors(colors) if colors is not None else None)
-
-
-def _textured_glb_bytes(display: trimesh.Trimesh, texture: UVTexture) -> bytes:
-    """The GLB of a display-frame mesh with its baked texture (split along the UV seams)."""
-    tangents = None
-    if texture.normal is not None and texture.tangents is not None:
-        tangents = np.array(texture.tangents, dtype=np.float64)
-        tangents[:, :3] = to_display_frame(tangents[:, :3])  # a rotation: the handedness w is kept
-    normals = texture.vertex_normals(display)
-    if tangents is not None:
-        tangents = _valid_tangents(tangents, normals)
-    return glb_bytes(np.asarray(display.vertices)[texture.vmapping], texture.faces, normals=_unit_normals(normals),
-                     uv=texture.uv, tangents=tangents, base_color=png_bytes(texture.base_color),
+    if texture is None:
+        return glb_bytes(surface["positions"], surface["faces"], normals=surface["normals"],
+                         colors=linear_vertex_colors(colors) if colors is not None else None)
+    return glb_bytes(surface["positions"], surface["faces"], normals=surface["normals"], uv=surface["uv"],
+                     tangents=surface["tangents"], base_color=png_bytes(texture.base_color),
                      normal_map=png_bytes(texture.normal) if texture.normal is not None else None)
+
+
+def _usdz_file(surface: dict, colors: np.ndarray | None, texture: UVTexture | None) -> bytes:
+    """The USDZ of the same arrays as the GLB (vertex colours in linear light, as USD's are; not
+    rounded to 8 bits as the GLB's COLOR_0 is)."""
+    from .usdz import usdz_bytes
+
+    if texture is None:
+        linear = srgb_to_linear(colors[:, :3] / 255.0) if colors is not None else None
+        return usdz_bytes(surface["positions"], surface["faces"], normals=surface["normals"], colors=linear,
+                          roughness=ROUGHNESS)
+    return usdz_bytes(surface["positions"], surface["faces"], normals=surface["normals"], uv=surface["uv"],
+                      base_color=png_bytes(texture.base_color), roughness=ROUGHNESS,
+                      normal_map=png_bytes(texture.normal) if texture.normal is not None else None)
 
 
 def _unit_normals(normals: np.ndarray) -> np.ndarray:
@@ -252,8 +281,9 @@ def _obj_files(mesh: trimesh.Trimesh, name: str, texture: UVTexture | None) -> d
     return {f"{name}.obj": text.encode("utf-8"), f"{side}.mtl": mtl.encode("utf-8"), f"{side}.png": png}
 
 
-def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
-                texture: UVTexture | None = None) -> dict[str, bytes]:
+def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh", texture: UVTexture | None = None, *,
+                origin: str | None = None, scale: float = 1.0,
+                print_size: float = DEFAULT_PRINT_SIZE) -> dict[str, bytes]:
     """The files of ``mesh`` in ``file_format``, by file name: ``{name.<format>: bytes, ...}``.
 
     Args:
@@ -261,10 +291,14 @@ def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
             colours; not modified.
         file_format: one of ``FORMATS``.
         name: file name without suffix (OBJ's ``.mtl`` and ``.png`` take the same name).
-        texture: a baked texture of this mesh (used by GLB and OBJ).
+        texture: a baked texture of this mesh (used by GLB, OBJ, USDZ and 3MF).
+        origin, scale: where the display formats' origin sits and their metres per model unit
+            (``frames.Placement``; the defaults keep the model's origin and size).
+        print_size: the print formats' largest side in millimetres.
     """
     if file_format not in FORMATS:
         raise ValueError(f"unknown mesh format {file_format!r}; allowed: {', '.join(FORMATS)}")
+    placement = Placement(origin, scale, print_size)
     if len(mesh.vertices) == 0 or len(mesh.faces) == 0:
         raise ValueError("cannot export an empty mesh")
     if texture is not None and (len(texture.faces) != len(mesh.faces)
@@ -277,15 +311,19 @@ def encode_mesh(mesh: trimesh.Trimesh, file_format: str, name: str = "mesh",
         vertex_colors=colors,
         process=False,
     )
-    if file_format == "glb":
-        if texture is not None:
-            return {f"{name}.glb": _textured_glb_bytes(display, texture)}
-        return {f"{name}.glb": _glb_bytes(display.vertices, display.faces, colors)}
+    if file_format in PRINT_FORMATS:
+        from .printing import print_file
+
+        return {f"{name}.{file_format}": print_file(display.vertices, display.faces, file_format, name=name,
+                                                    colors=colors, texture=texture, print_size=print_size)}
+    positions = place(display.vertices, placement)
+    if file_format in ("glb", "usdz"):
+        encode = _glb_file if file_format == "glb" else _usdz_file
+        return {f"{name}.{file_format}": encode(_surface(display, positions, texture), colors, texture)}
+    placed = trimesh.Trimesh(positions, display.faces, vertex_colors=colors, process=False)
     if file_format == "obj":
-        return _obj_files(display, name, texture)
-    if file_format == "ply":
-        return {f"{name}.ply": export_ply(display, encoding="binary", vertex_normal=False)}
-    return {f"{name}.stl": export_stl(display)}
+        return _obj_files(placed, name, texture)
+    return {f"{name}.ply": export_ply(placed, encoding="binary", vertex_normal=False)}
 
 
 def zip_files(files: dict[str, bytes]) -> bytes:
@@ -306,22 +344,32 @@ def export_mesh(
     path: str | os.PathLike,
     file_format: str | None = None,
     texture: UVTexture | None = None,
+    *,
+    origin: str | None = None,
+    scale: float = 1.0,
+    print_size: float = DEFAULT_PRINT_SIZE,
 ) -> pathlib.Path:
-    """Writes a model-frame mesh to ``path`` in the display frame.
+    """Writes a model-frame mesh to ``path``: GLB, OBJ, PLY, USDZ in the display frame, STL and 3MF
+    in the print frame (see the module's docstring and docs/FORMATS.md).
 
     Args:
         mesh: [V, 3] vertices and [F, 3] outward faces in the model frame, optionally with uint8
             RGBA vertex colours in ``mesh.visual.vertex_colors``; not modified.
         path: destination file; its folder must exist.
         file_format: one of ``FORMATS``; taken from the path's suffix when None.
-        texture: the mesh's baked texture (``TriplaneTurboOutput.textures``), for GLB and OBJ.
+        texture: the mesh's baked texture (``TriplaneTurboOutput.textures``), for GLB, OBJ, USDZ, 3MF.
+        origin: GLB, OBJ, PLY, USDZ: None keeps the model's origin (the centre of the generation
+            volume); "center" puts the bounding box's centre at the origin; "bottom" the centre of
+            its base (lowest y, centred in x and z).
+        scale: GLB, OBJ, PLY, USDZ: metres (units) per model unit; 1 keeps the size, about 1 across.
+        print_size: STL, 3MF: the largest side of the bounding box, in millimetres.
 
     Returns:
         The written path (an OBJ with a texture also writes ``.mtl`` and ``.png`` of the same name
         beside it).
 
-    Without a texture, GLB and PLY (binary) and OBJ keep the vertex colours (OBJ keeps RGB only,
-    no alpha); STL holds geometry only.
+    Without a texture, GLB, PLY (binary), OBJ, USDZ and 3MF keep the vertex colours (OBJ keeps RGB
+    only, no alpha; USDZ and 3MF are opaque); STL holds geometry only.
     """
     path = pathlib.Path(path)
     fmt = (file_format if file_format is not None else path.suffix.lstrip(".")).lower()
@@ -329,7 +377,7 @@ def export_mesh(
         raise ValueError(
             f"unknown mesh format {fmt!r} (from {path.name!r}); allowed: {', '.join(FORMATS)}"
         )
-    files = encode_mesh(mesh, fmt, path.stem, texture)
+    files = encode_mesh(mesh, fmt, path.stem, texture, origin=origin, scale=scale, print_size=print_size)
     for name, data in files.items():
         target = path if name == f"{path.stem}.{fmt}" else path.with_name(name)
         write_atomic(target, data)

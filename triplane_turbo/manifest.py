@@ -30,7 +30,8 @@ MANIFEST = "manifest.jsonl"
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """What decides every mesh of a batch besides its prompt and seed."""
+    """What decides every mesh of a batch besides its prompt and seed (origin, scale, print_size: the
+    export's placement, ``frames.Placement``)."""
 
     mesh_resolution: int = 160
     file_format: str = "glb"
@@ -38,6 +39,21 @@ class BatchSettings:
     texture_size: int = 1024
     target_faces: int | None = None
     unwrap: str = "fast"
+    origin: str | None = None
+    scale: float = 1.0
+    print_size: float = 100.0
+
+
+#: The placement fields, and their defaults: left out of records and file names while they have them,
+#: so a batch started before they existed resumes with the same names.
+_PLACEMENT_DEFAULTS = {"origin": None, "scale": 1.0, "print_size": 100.0}
+
+
+def settings_record(settings: BatchSettings) -> dict:
+    """``settings`` as the manifest records it (and file names hash it): every field, less the
+    placement fields that have their defaults."""
+    return {key: value for key, value in asdict(settings).items()
+            if key not in _PLACEMENT_DEFAULTS or value != _PLACEMENT_DEFAULTS[key]}
 
 
 @dataclass
@@ -74,7 +90,8 @@ def line_seed(base_seed: int, line: int) -> int:
 
 def output_name(line: int, prompt: str, seed: int, settings: BatchSettings) -> str:
     """``000042-<10 hex>.<format>``: the line number, and a hash of what made the mesh."""
-    digest = hashlib.sha256(json.dumps([prompt, seed, asdict(settings)], sort_keys=True).encode()).hexdigest()[:10]
+    made_by = json.dumps([prompt, seed, settings_record(settings)], sort_keys=True)
+    digest = hashlib.sha256(made_by.encode()).hexdigest()[:10]
     return f"{line:06d}-{digest}.{settings.file_format}"
 
 
@@ -127,7 +144,7 @@ def read_records(out_dir: Path, settings: BatchSettings | None = None) -> dict[i
     An ``ok`` record made with ``settings`` beats any other ``ok`` record, which beats an error;
     among equals the later one wins (the merged manifest is read first, then the process files).
     """
-    wanted = asdict(settings) if settings is not None else None
+    wanted = settings_record(settings) if settings is not None else None
 
     def rank(record: dict) -> int:
         ok = record.get("status") == "ok"
@@ -179,8 +196,8 @@ def make_record(item: PromptLine, base_seed: int, settings: BatchSettings, rank:
     return {"line": item.line, "prompt": item.prompt, "seed": seed,
             "file": file if error is None else None, "status": "ok" if error is None else "error", "error": error,
             "rank": rank, "seconds": None if seconds is None else round(seconds, 4),
-            "settings": asdict(settings), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+            "settings": settings_record(settings), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
 __all__ = ["MANIFEST", "BatchSettings", "PromptLine", "RankManifest", "line_seed", "make_record", "merge_manifest",
-           "output_name", "pending_lines", "prompt_line", "read_prompts", "read_records"]
+           "output_name", "pending_lines", "prompt_line", "read_prompts", "read_records", "settings_record"]

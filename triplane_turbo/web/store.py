@@ -42,7 +42,7 @@ from .meshsource import encode_download, file_name, read_source, source_bytes
 
 #: The app's download formats, in the order of its buttons: the GLB is written with the result, the
 #: others when first asked for. Any of ``export.FORMATS`` can be added here.
-DOWNLOADS = ("glb", "obj", "ply", "stl")
+DOWNLOADS = ("glb", "obj", "ply", "stl", "usdz", "3mf")
 #: Errors of a full disk (or a full quota).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

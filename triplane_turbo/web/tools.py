@@ -120,8 +120,9 @@ class Tools:
                  texture: Literal["uv", "vertex"] = "uv", remove_floaters: bool = False,
                  target_faces: int | None = None, request: gr.Request = None) -> str:
         """Makes a textured 3D mesh of one object from a text description (TriplaneTurbo, text to 3D): a GLB
-        file, OBJ (zip), PLY and STL downloads, and a link to a page that shows the mesh in a 3D viewer. About
-        a second on a GPU; the same prompt, seed and settings give the same mesh, answered at once when stored.
+        file, OBJ (zip), PLY, STL, USDZ (AR) and 3MF (printing) downloads, and a link to a page that shows the
+        mesh in a 3D viewer. About a second on a GPU; the same prompt, seed and settings give the same mesh,
+        answered at once when stored.
 
         Args:
             prompt: One object, described in a short English phrase as you would caption a photo of it, e.g.
@@ -141,7 +142,8 @@ class Tools:
                 keeps the detail; omit it (or null) for the full mesh.
         Returns:
             A JSON object: "glb_url" (the GLB: a textured mesh in metres, +Y up, about 1 unit across),
-                "downloads" ({"glb", "obj_zip", "ply", "stl"}: URLs), "preview_url" (a PNG picture of the
+                "downloads" ({"glb", "obj_zip", "ply", "stl", "usdz", "3mf"}: URLs;
+                STL and 3MF print-ready: millimetres, +Z up, on the plate, 100 mm tall at most; USDZ for AR), "preview_url" (a PNG picture of the
                 mesh), "link" (a page showing it in a 3D viewer, to share), "seed" (the seed used), "details"
                 (prompt, settings, vertex and face counts, device, seconds per stage, "cached": whether it
                 came from the store) and "warnings" (notes on the prompt, if any).
