@@ -36,8 +36,9 @@ FIXTURE_A = FIXTURES / "fixture_a"
 #: longest first. pytest-xdist hands whole modules out in collection order (``--dist loadscope
 #: --no-loadscope-reorder``, in pyproject.toml); its default, most tests first, left the browser
 #: module to start last and one worker idle for 40-50 s at the end.
-LONGEST_MODULES = ("test_browser.py", "test_training.py", "test_app.py", "test_batch.py", "test_cli.py",
-                   "test_parity.py", "test_bench.py", "test_evaluate.py", "test_pipeline.py")
+#: test_install.py first: its first run installs 5 GB (10 to 30 min), a later one takes about 70 s.
+LONGEST_MODULES = ("test_install.py", "test_browser.py", "test_training.py", "test_app.py", "test_batch.py",
+                   "test_cli.py", "test_parity.py", "test_bench.py", "test_evaluate.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -129,8 +130,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_env: dict | None = None):
-    """An app server in a subprocess, configured only through its environment, until the block ends.
+def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_env: dict | None = None,
+                python: str = sys.executable):
+    """An app server in a subprocess of ``python`` (this one's by default), configured only through its
+    environment, until the block ends.
 
     OMP_NUM_THREADS=1: on the 2-vCPU test machines torch's default two threads make the tiny
     model 3-5x slower than one thread (measured), and the app runs one generation at a time.
@@ -150,7 +153,7 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
            "PYTHONPATH": str(REPO), **(extra_env or {})}
     log = root / "server.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, *command], cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([python, *command], cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -66,7 +66,9 @@ def _case_table_numpy() -> np.ndarray:
     table = np.full((256, 3 * MAX_CUBE_TRIANGLES), -1, dtype=np.int64)
     for case in range(256):
         cube = np.array([-1.0 if case >> k & 1 else 1.0 for k in range(8)]).reshape(2, 2, 2)
-        vertices, faces = mcubes.marching_cubes(cube, 0.0)
+        with warnings.catch_warnings():  # PyMCubes 0.1.6 sets an array's shape: deprecated by NumPy 2.5
+            warnings.filterwarnings("ignore", "Setting the shape on a NumPy array", DeprecationWarning)
+            vertices, faces = mcubes.marching_cubes(cube, 0.0)
         edges = []
         for corner in np.asarray(vertices):
             axis = int(np.flatnonzero(corner == 0.5)[0])
