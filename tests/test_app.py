@@ -81,7 +81,8 @@ def load_download(path, kind) -> trimesh.Trimesh:
     if kind == "usdz":  # Pixar's USD reads it (trimesh cannot): one triangle mesh
         from pxr import Usd, UsdGeom
 
-        (mesh,) = [UsdGeom.Mesh(p) for p in Usd.Stage.Open(str(path)).Traverse() if p.IsA(UsdGeom.Mesh)]
+        stage = Usd.Stage.Open(str(path))  # held: its prims expire with it
+        (mesh,) = [UsdGeom.Mesh(p) for p in stage.Traverse() if p.IsA(UsdGeom.Mesh)]
         faces = np.asarray(mesh.GetFaceVertexIndicesAttr().Get()).reshape(-1, 3)
         return trimesh.Trimesh(np.asarray(mesh.GetPointsAttr().Get()), faces, process=False)
     return trimesh.load(path, force="mesh", process=False)
