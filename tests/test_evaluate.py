@@ -403,8 +403,8 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, monkeypatch, capsys):
 # -------------------------------------------------------------------------------------------------
 
 def test_the_authors_texts_keep_the_library_s_double_spaces(tmp_path, monkeypatch):
-    """Two DreamFusion prompts start with two spaces (datasets/dreamfusion_415_prompt_library.json:409,
-    411); the authors' caption is ``"A photo depicts" + the folder name`` (compute.py:51, 179), so their
+    """Two DreamFusion prompts start with two spaces (datasets/dreamfusion_415_prompt_library.json:844,
+    846 in its test list; 409, 411 in train); the authors' caption is ``"A photo depicts" + the folder name`` (compute.py:51, 179), so their
     text is "A photo depicts  Coffee cup with many holes" (CLIP's tokenizer reads "depicts coffee"), not
     the cleaned prompt glued on ("A photo depictsCoffee…")."""
     from triplane_turbo.evaluation import run as run_module

@@ -122,17 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .training.presets import PRESETS
     from .training.recipes import DEFAULT_RECIPE, RECIPES, parse_teachers, teacher_dtypes
-
-    from .training.presets import PRESETS, Preset
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.preset_values = PRESETS[args.preset] if args.preset else None
-    fallback = args.preset_values or Preset("default", "")
-    for name in ("steps", "prompts_per_step", "accumulate"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(fallback, name) if args.preset or name != "steps" else None)
+    args.preset_values = preset = PRESETS.get(args.preset)
+    defaults = {"prompts_per_step": 2, "accumulate": 1}  # a preset's values, else the authors' v1 run's
+    if preset is not None:
+        defaults = {name: getattr(preset, name) for name in ("steps", "prompts_per_step", "accumulate")}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:  # given explicitly: it wins
+            setattr(args, name, value)
     if args.steps is None:
         parser.error("--steps is required (or a --preset that gives it)")
     for name in ("steps", "prompts_per_step", "views", "accumulate", "save_every", "keep"):

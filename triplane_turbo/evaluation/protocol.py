@@ -55,13 +55,14 @@ class EvalSettings:
         text_template: the text for a prompt; ``{prompt}`` is replaced by it.
         strip_punctuation: drop commas and periods from the prompt, and turn underscores into spaces (as
             the authors' folder names did).
-        raw_prompts: build the text from the prompt as the library spells it (its spaces kept: two of
-            the DreamFusion prompts start with two, ``"  Coffee cup with many holes"``, so the authors'
-            text is ``"A photo depicts  Coffee…"``), not from the cleaned prompt.
+        drop_apostrophes: leave out prompts holding an apostrophe (as the authors' shell did).
+        raw_prompts: build the text from the prompt as the library spells it, not from the cleaned
+            prompt: two DreamFusion test prompts start with two spaces (dreamfusion_415_prompt_library
+            .json:844, 846, ``"  Coffee cup with many holes"``), so the authors' text is
+            ``"A photo depicts  Coffee…"``.
         authors_precision: score in float16 numpy as the authors' script on a GPU
             (``clip.authors_float16_metrics``: float16 features, norms, products and mean; R@1 by argmax,
             ties to the first text in line order — theirs to the first in a ``set``'s order).
-        drop_apostrophes: leave out prompts holding an apostrophe (as the authors' shell did).
         score_weight: w in the per-image score w·max(cos, 0).
     """
 
