@@ -396,3 +396,67 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, monkeypatch, capsys):
     ranks = {json.loads(line)["rank"] for line in manifest}
     assert ranks == {0, 1}  # both processes made meshes
     assert len(read_records(tmp_path / "two" / "meshes")) == 6
+
+
+# -------------------------------------------------------------------------------------------------
+# The authors' texts and precision (issue 31)
+# -------------------------------------------------------------------------------------------------
+
+def test_the_authors_texts_keep_the_library_s_double_spaces(tmp_path, monkeypatch):
+    """Two DreamFusion prompts start with two spaces (datasets/dreamfusion_415_prompt_library.json:844,
+    846 in its test list; 409, 411 in train); the authors' caption is ``"A photo depicts" + the folder name`` (compute.py:51, 179), so their
+    text is "A photo depicts  Coffee cup with many holes" (CLIP's tokenizer reads "depicts coffee"), not
+    the cleaned prompt glued on ("A photo depictsCoffee…")."""
+    from triplane_turbo.evaluation import run as run_module
+
+    library = tmp_path / "dreamfusion.json"
+    spaced = ["  Coffee cup with many holes", "  Luminescent wild horses", "a lion's mane jellyfish, detailed."]
+    library.write_text(json.dumps({"test": spaced}))
+    lines = read_eval_prompts(library)
+    assert [line.prompt for line in lines] == ["Coffee cup with many holes", "Luminescent wild horses",
+                                               "a lion's mane jellyfish, detailed."]
+    quirks = EvalSettings.authors()
+    assert [clip_text(line.prompt, quirks, line.raw) for line in lines[:2]] == [
+        "A photo depicts  Coffee cup with many holes", "A photo depicts  Luminescent wild horses"]
+    assert clip_text(lines[0].prompt, EvalSettings(), lines[0].raw) == "A photo depicts Coffee cup with many holes"
+    text_file = tmp_path / "p.txt"
+    text_file.write_text("\n".join(spaced) + "\n", encoding="utf-8")
+    assert [clip_text(line.prompt, quirks, line.raw) for line in read_eval_prompts(text_file)][:1] == [
+        "A photo depicts  Coffee cup with many holes"]
+    # the evaluation's jobs carry that text (the meshes themselves come from the cleaned prompt)
+    monkeypatch.setattr(run_module, "run_split", lambda *args, **kwargs: None)
+    jobs = run_module.generate_meshes(None, lines, tmp_path / "meshes", quirks, run_module.SingleProcess())
+    assert [job.text for job in jobs[:2]] == ["A photo depicts  Coffee cup with many holes",
+                                              "A photo depicts  Luminescent wild horses"]
+
+
+def authors_script(images, texts, targets, w=2.5):
+    """compute.py's arithmetic written out (lines 132-135, 154-159, 202) on float16 numpy features."""
+    images, texts = images.astype(np.float16), texts.astype(np.float16)
+    images = images / np.sqrt(np.sum(images ** 2, axis=1, keepdims=True))
+    texts = texts / np.sqrt(np.sum(texts ** 2, axis=1, keepdims=True))
+    per = w * np.clip(np.sum(images * texts[targets], axis=1), 0, None)
+    recall = (np.clip(images @ texts.T, 0, None).argmax(axis=-1) == targets).mean()
+    return np.mean(per), recall
+
+
+def test_authors_precision_scores_in_float16_as_their_script():
+    from triplane_turbo.evaluation import authors_float16_metrics
+
+    rng = np.random.default_rng(3)
+    texts = rng.normal(size=(9, 64)).astype(np.float32)
+    targets = np.repeat(np.arange(9), 4)
+    images = (texts[targets] + rng.normal(scale=1.5, size=(36, 64))).astype(np.float32)
+    cs, recall = authors_script(images, texts, targets)
+    theirs = authors_float16_metrics(images, texts, targets)
+    assert theirs.clip_score == float(cs) * 100 and theirs.recall[1] == pytest.approx(recall * 100)
+    assert theirs.scores.dtype == np.float64 and np.all(theirs.scores == theirs.scores.astype(np.float16))
+    ours = clip_metrics(images, texts, targets)
+    assert ours.clip_score != theirs.clip_score and abs(ours.clip_score - theirs.clip_score) < 0.2
+    # ties (every text scores 0): argmax picks the first text, so a view of text 0 is a hit, of text 1 a miss
+    tie_texts = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    tied = authors_float16_metrics(np.array([[-1.0, -1.0], [-1.0, -1.0]]), tie_texts, [0, 1])
+    assert list(tied.ranks) == [1, 2] and tied.recall[1] == 50
+    args = evaluate_cli.parse_args(["--prompts", "p.txt", "--out", "o", "--authors-precision"])
+    assert args.settings.authors_precision and not evaluate_cli.parse_args(
+        ["--prompts", "p.txt", "--out", "o"]).settings.authors_precision

@@ -536,3 +536,58 @@ def test_teachers_run_in_float16(text):
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         grads = [t.grad for t in (renders.rgb, renders.normal, renders.depth) if t.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision as the authors (issue 31)
+# ---------------------------------------------------------------------------------------------
+def test_teacher_dtypes_are_the_authors(tiny_model_dir):
+    """On a GPU the authors run Stable Diffusion in float16 (``half_precision_weights: bool = True``,
+    richdreamer_mvdream_stablediffusion_asd_guidance.py:93, 130-139) and MVDream and RichDreamer in
+    float32 (extern/mvdream/model_zoo.py:35-57 casts nothing; the normal-depth config says
+    ``use_fp16: False``; trainer precision 32); on the CPU everything is float32; overridable."""
+    from triplane_turbo.train import parse_args, resolve_teacher_dtypes
+    from triplane_turbo.training.recipes import RECIPES, build_teachers, teacher_dtypes
+
+    names = [spec.name for spec in RECIPES["authors-v1"].teachers]
+    half, full = torch.float16, torch.float32
+    assert teacher_dtypes(names, "cuda") == {"sd": half, "mvdream": full, "richdreamer": full}
+    assert teacher_dtypes(names, "cpu") == {"sd": full, "mvdream": full, "richdreamer": full}
+    assert teacher_dtypes(names, "cuda", "float32") == dict.fromkeys(names, full)
+    assert teacher_dtypes(names, "cuda", "richdreamer=float16") == {"sd": half, "mvdream": full, "richdreamer": half}
+    with pytest.raises(ValueError, match="name=dtype"):
+        teacher_dtypes(names, "cuda", "clip=float16")
+    command = ["--prompts", "p.txt", "--output", "o", "--steps", "1"]
+    assert resolve_teacher_dtypes(parse_args(command), "cuda") == {"sd": half, "mvdream": full, "richdreamer": full}
+    assert resolve_teacher_dtypes(parse_args([*command, "--dtype", "float16"]), "cuda") == dict.fromkeys(names, half)
+    assert resolve_teacher_dtypes(parse_args([*command, "--teacher-dtypes", "mvdream=bfloat16"]), "cuda")["mvdream"] \
+        == torch.bfloat16
+    # build_teachers gives each teacher its own dtype (tiny teachers on the CPU)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = tiny_model_dir[0]
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    teachers = build_teachers(RECIPES["authors-v1"].teachers, base_dir=base, device="cpu",
+                              dtype={"sd": half, "mvdream": full, "richdreamer": full}, text_encoder=encoder,
+                              tokenizer=tokenizer, tiny=True)
+    kinds = {t.name: {p.dtype for p in t.teacher.unet.parameters()} for t in teachers}
+    assert kinds == {"stable-diffusion": {half}, "mvdream": {full}, "richdreamer": {full}}
+    assert {p.dtype for p in teachers[0].teacher.vae.parameters()} == {half}
+    assert {p.dtype for p in encoder.parameters()} == {full}  # the shared text encoder stays as the pipeline's
+
+
+def test_a_preset_s_schedules_reach_the_multiview_teachers(tiny_model_dir):
+    """``--preset authors-48gb``: MVDream's and RichDreamer's min-step schedules run over 40k steps and
+    RichDreamer's t⁺ ratio is 0 (configs/TriplaneTurbo_v1_acc-2.yaml lines 156, 165, 192); MVDream's
+    guidance scale keeps its 20k schedule (line 161)."""
+    from triplane_turbo.training.presets import PRESETS, teacher_settings
+    from triplane_turbo.training.recipes import RECIPES, build_teachers
+
+    specs = RECIPES["authors-v1"].teachers[1:]  # the multi-view teachers
+    mv, rd = build_teachers(specs, base_dir=tiny_model_dir[0], device="cpu", dtype=torch.float32, tiny=True,
+                            settings=teacher_settings(PRESETS["authors-48gb"]),
+                            text_encoder=PromptEncoder.tiny().text_encoder, tokenizer=PromptEncoder.tiny().tokenizer)
+    assert (mv.teacher.config.min_step_until, mv.teacher.config.guidance_until) == (40_000, 20_000)
+    assert (rd.teacher.config.min_step_until, rd.teacher.config.plus_ratio) == (40_000, 0.0)
+    assert rd.teacher.config.image_size == TINY_RICHDREAMER.image_size  # the rest of the tiny config kept

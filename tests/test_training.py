@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -27,6 +29,7 @@ from triplane_turbo.training.config import (TINY_TRAINING, TINY_TRAINING_LATENT,
                                              MeshConfig, OptimizerConfig)
 from triplane_turbo.training.mesh import differentiable_mesh
 from triplane_turbo.training.recipes import RECIPES
+from triplane_turbo.training.teachers import Renders
 from triplane_turbo.triplane import TriplaneFields, sample_bilinear
 
 from .conftest import free_port
@@ -347,21 +350,33 @@ def test_with_accumulation_the_schedules_advance_once_per_optimiser_step(tiny_mo
 
 
 def test_from_scratch_the_adapter_is_initialised_as_the_authors(tiny_model_dir):
-    """LoRA/LoCON ``up`` weights are zero (their terms add nothing at first, whatever ``down`` holds),
-    ``down`` weights ~ N(0, 1/rank²); the pipeline built on it runs."""
-    from triplane_turbo.adapter import AdapterSpec
+    """The authors' initialisation (custom/triplaneturbo/extern/few_step_triplane_dual_sd_modules.py):
+    every LoRA ``down`` ~ N(0, (1/rank)²) and ``up`` = 0 (lines 68-69; the LoCON layers lines 176-182),
+    where rank is the *slot's* rank: the UNet self-attention and the VAE attention take
+    ``self_lora_rank``, the cross-attention ``cross_lora_rank`` (lines 936-944), the LoCON convolutions
+    ``locon_rank`` (lines 787-789, 891). Distinct ranks (2, 4, 8) tell 1/rank from any constant; the
+    pipeline built on it runs, and zeroing ``down`` changes nothing (up = 0)."""
+    from triplane_turbo import adapter as peta
     from triplane_turbo.hub import ResolvedWeights
     from triplane_turbo.loading import components_from_resolved
-    from triplane_turbo.tiny import ADAPTER_RANKS
     from triplane_turbo.training.init import fresh_adapter_state_dict
 
     base_dir = tiny_model_dir[0]
     parts = components_from_resolved(ResolvedWeights(base_dir, base_dir, "scratch"))
-    spec = AdapterSpec(out_channels=16, mlp_hidden=(16, 16), **ADAPTER_RANKS)
+    spec = peta.AdapterSpec(self_rank=2, cross_rank=4, conv_rank=8, out_channels=16, mlp_hidden=(16, 16))
+    layout = peta.expected_layout(peta.adapter_slots(parts["unet"], parts["vae"]), spec)
     fresh = fresh_adapter_state_dict(parts["unet"], parts["vae"], spec, seed=0)
-    downs = torch.cat([v.reshape(-1) for k, v in fresh.items() if k.endswith("down.weight")])
+    rank_of = {peta.SELF_ATTN: 2, peta.VAE_ATTN: 2, peta.CROSS_ATTN: 4, peta.UNET_LOCON: 8, peta.VAE_LOCON: 8}
+    downs: dict[int, list[torch.Tensor]] = {}
+    for key, (shape, _, kind) in layout.items():
+        if key.endswith("down.weight"):
+            downs.setdefault(rank_of[kind], []).append(fresh[key].reshape(-1))
+    assert sorted(downs) == [2, 4, 8]
+    for rank, values in downs.items():
+        values = torch.cat(values)
+        assert len(values) > 2000 and abs(float(values.std()) * rank - 1) < 0.1, rank  # std 1/rank
+        assert abs(float(values.mean())) < 3 / rank / len(values) ** 0.5 + 1e-3
     assert all(float(v.abs().sum()) == 0 for k, v in fresh.items() if k.endswith("up.weight"))
-    assert abs(float(downs.std()) - 1 / 4) < 0.02
     assert torch.equal(fresh["geometry.bbox"], torch.tensor([[-1.0] * 3, [1.0] * 3]))
     pipe = TriplaneTurboPipeline.from_components(**parts, adapter_state_dict=fresh, fuse_lora=False,
                                                  config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
@@ -666,3 +681,202 @@ def test_the_trainer_evaluates_every_n_steps_with_the_evaluation_command_s_code(
         metrics = json.loads((tmp_path / "run" / "eval" / f"step-{step:07d}" / "metrics.json").read_text())
         assert metrics["info"]["step"] == step and metrics["prompts_evaluated"] == len(metrics["prompts"]) == 2
         assert metrics["clip_score"] == pytest.approx(scores[step - 1]["clip_score"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# As the authors ran it (issue 31): clip-space mesh depth, the empty-view rule, the proposal step,
+# the presets, parallel guidance, prompt slicing
+# ---------------------------------------------------------------------------------------------
+def test_richdreamer_sees_the_authors_clip_space_mesh_depth_on_a_sphere():
+    """The authors' mesh path gives RichDreamer the clip-space z of the surface (interpolated
+    ``v_pos_clip[..., 2]``, generative_space_mesh_rasterize_renderer.py:153-154, near 0.1 / far 1000 from
+    multiview_multiprompt_dualrender_multistep_v2.py:339-341) in disparity = clamp((far − z)/(far − near),
+    0, 1), far/near = distance ± √3 (lines 176-189). On the sphere |p| = 0.5 that is computed here from
+    the analytic hit point: about 0.2/(2√3) ≈ 0.058 above the disparity of the ray distance."""
+    from triplane_turbo.training.richdreamer import normal_depth_images
+
+    fields, triplane = sphere_fields(), torch.randn(1, 6, 4, 8, 8)
+    cameras = sample_cameras(1, CameraConfig(views=2), torch.Generator().manual_seed(0))
+    size = 40
+    out = MeshRenderer(MeshConfig(grid=64, image=size)).render(fields, triplane, cameras)
+    hit, distance, _ = analytic_sphere(cameras, size)
+    origins, directions = cameras.rays(size)
+    points = origins + distance[..., None] * directions
+    z_eye = torch.einsum("nij,nhwj->nhwi", torch.linalg.inv(cameras.c2w)[:, :3, :3], points) + \
+        torch.linalg.inv(cameras.c2w)[:, None, None, :3, 3]
+    near, far = 0.1, 1000.0
+    z_clip = -(far + near) / (far - near) * z_eye[..., 2] - 2 * far * near / (far - near)
+    box_far = (cameras.distance + math.sqrt(3)).view(-1, 1, 1)
+    theirs = ((box_far - z_clip.clamp(max=box_far)) / (2 * math.sqrt(3))).clamp(0, 1)
+    by_distance = ((box_far - distance) / (2 * math.sqrt(3))).clamp(0, 1)
+    renders = Renders(out.rgb, out.opacity, cameras, "mesh", out.normal, out.depth, out.clip_depth)
+    ours = normal_depth_images(renders)[:, 3].detach()
+    inside = hit & (out.opacity[:, 0].detach() > 0.999)
+    assert inside.sum() > 100
+    assert float((ours[inside] - theirs[inside]).abs().max()) < 0.01  # the mesh is a polyhedron (cells 0.03)
+    offset = (theirs - by_distance)[inside]
+    # ≈ 0.2/(2√3) = 0.058 where the ray is the optical axis (the issue's figure), more off-axis (the ray
+    # distance exceeds the axial depth there)
+    assert float(offset.min()) == pytest.approx(0.2 / (2 * math.sqrt(3)), abs=2e-3) and float(offset.max()) < 0.09
+    ray = normal_depth_images(renders, mesh_depth="distance")[:, 3].detach()
+    assert float((ray[inside] - by_distance[inside]).abs().max()) < 0.01
+
+
+def test_with_no_surface_in_view_the_first_view_counts_as_covered_as_the_authors():
+    """generative_space_mesh_rasterize_renderer.py:169-172: ``if mask.sum() == 0: mask[:1] = True``: the
+    first view is covered everywhere, coloured by the field at the (zero) interpolated position, so
+    the colour field keeps a gradient; the other views stay empty."""
+    fields, triplane = sphere_fields(), torch.randn(1, 6, 4, 8, 8, requires_grad=True)
+    cameras = sample_cameras(1, CameraConfig(views=2), torch.Generator().manual_seed(0))
+    cameras.c2w[:, :3, 0] *= -1  # turned around (right and back negated): looking away from the sphere
+    cameras.c2w[:, :3, 2] *= -1
+    out = MeshRenderer(MeshConfig(grid=16, image=12)).render(fields, triplane, cameras)
+    assert torch.equal(out.opacity[0], torch.ones(1, 12, 12)) and float(out.opacity[1].abs().max()) == 0
+    origin_colour = fields.color(triplane, torch.zeros(1, 1, 3))[0, 0]
+    assert torch.allclose(out.rgb[0], origin_colour.view(3, 1, 1).expand(3, 12, 12), atol=1e-6)
+    assert float(out.clip_depth.abs().max()) == 0  # no triangle: the authors' interpolated z is 0 there
+    out.rgb.sum().backward()
+    assert float(triplane.grad.abs().sum()) > 0
+    plain = MeshRenderer(MeshConfig(grid=16, image=12, empty_view_fallback=False)).render(fields, triplane, cameras)
+    assert float(plain.opacity.abs().max()) == 0
+
+
+def test_the_proposal_pass_uses_the_authors_step_on_a_sphere():
+    """threestudio's NeuS renderer steps ``1.732 * 2 * radius / num_samples_per_ray`` (radius 1, 64
+    samples: neus_volume_renderer.py:84-86); the proposal's α uses ``sdf ± step/2``, becomes a density
+    α/step (generative_space_sdf_volume_renderer.py:289-297) that nerfacc integrates over each
+    interval's length (estimators.py:84-88). Checked along a ray through the sphere |p| = 0.5."""
+    from triplane_turbo.training.volume import proposal_opacity
+
+    config = VolumeConfig()
+    assert config.proposal_step_size == pytest.approx(1.732 * 2 / 64) == pytest.approx(0.054125)
+    width = (config.far - config.near) / config.coarse_samples
+    mids = config.near + width * (torch.arange(config.coarse_samples, dtype=torch.float64) + 0.5)
+    sdf = (1.5 - mids).abs() - 0.5  # camera at 1.5 looking through the centre
+    step, s = 1.732 * 2 / 64, 100.0
+    prev, nxt = torch.sigmoid((sdf + step / 2) * s), torch.sigmoid((sdf - step / 2) * s)
+    alpha = ((prev - nxt + 1e-5) / (prev + 1e-5)).clip(0, 1)
+    theirs = 1 - torch.exp(-(alpha / step) * width)
+    ours = proposal_opacity(sdf, width, config.proposal_step_size, config.inv_s)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert float(ours.max()) > 0.4  # the surface stands out (at the old step 3.9/128 it would read differently)
+    assert not torch.allclose(proposal_opacity(sdf, width, width, s), theirs, atol=1e-3)
+
+
+def test_the_presets_set_the_authors_config_values(tmp_path):
+    """``--preset authors-48gb`` is configs/TriplaneTurbo_v1_acc-2.yaml (batch_size 4: one prompt × 4
+    views, line 8; gradient_accumulation_steps 2, line 60; max_steps 30000, line 248; every min-step,
+    regulariser and colour-gradient schedule to 40000, lines 139/156/165/177/226/229; rd_plus_ratio 0,
+    line 192; mv_guidance_scale still over 20000, line 161); ``authors-98gb`` adds parallel_guidance
+    (TriplaneTurbo_v1_Objaverse.sh:6); explicit options win."""
+    from triplane_turbo.train import parse_args, teacher_settings, train_config
+
+    def config(*extra):
+        args = parse_args(["--prompts", "p.txt", "--output", str(tmp_path), *extra])
+        return args, train_config(args)
+
+    args, c = config("--preset", "authors-48gb")
+    assert (c.steps, c.prompts_per_step, c.cameras.views, c.accumulate) == (30_000, 1, 4, 2)
+    assert (c.regularisers_until, c.volume.color_grad_until, c.guidance.min_step_until) == (40_000,) * 3
+    assert not c.parallel_guidance
+    settings = teacher_settings(args)
+    assert settings == {"mvdream": {"min_step_until": 40_000},
+                        "richdreamer": {"min_step_until": 40_000, "plus_ratio": 0.0}}
+    _, v1 = config("--steps", "15000")
+    assert (v1.steps, v1.prompts_per_step, v1.accumulate, v1.regularisers_until, v1.volume.color_grad_until,
+            v1.guidance.min_step_until, v1.parallel_guidance) == (15_000, 2, 1, 20_000, 20_000, 20_000, False)
+    assert config("--preset", "authors-80gb")[1] == v1
+    _, c98 = config("--preset", "authors-98gb")
+    assert c98.parallel_guidance and c98.steps == 15_000
+    assert config("--steps", "9", "--parallel-guidance")[1].parallel_guidance
+    _, mine = config("--preset", "authors-48gb", "--steps", "7", "--accumulate", "3")
+    assert (mine.steps, mine.accumulate, mine.prompts_per_step) == (7, 3, 1)
+    with pytest.raises(SystemExit):
+        parse_args(["--prompts", "p.txt", "--output", str(tmp_path)])  # no --steps and no preset
+
+
+class ViewRecorder(Teacher):
+    """Records the SD view choice each render carries."""
+
+    name = "views"
+
+    def __init__(self):
+        self.seen: list[tuple[str, list[int] | None]] = []
+
+    def loss(self, renders, prompts, step, generator=None):
+        chosen = None if renders.sd_views is None else renders.sd_views.tolist()
+        self.seen.append((renders.renderer, chosen))
+        return renders.rgb.mean()
+
+
+class StubRenderer:
+    """Grey pictures of every view (the test is about which views the teachers read, not pixels)."""
+
+    def render(self, fields, triplane, cameras, *args):
+        from types import SimpleNamespace
+
+        n = len(cameras)
+        return SimpleNamespace(rgb=torch.full((n, 3, 4, 4), 0.5), opacity=torch.ones(n, 1, 4, 4),
+                               normal=torch.zeros(n, 3, 4, 4), depth=torch.ones(n, 1, 4, 4))
+
+
+def test_parallel_guidance_gives_the_sd_teacher_opposite_views(tiny_model_dir):
+    """The authors' parallel guidance with ``sd_oppo_side`` (richdreamer_mvdream_stablediffusion_asd_
+    guidance.py:1677-1684): one random view of the mesh render, the opposite one ((v + 2) mod 4) of the
+    volume render, drawn afresh each denoising step; without it the SD teacher draws its own view per render."""
+    pipe = tiny_training_pipe(tiny_model_dir)
+    cameras = sample_cameras(2, CameraConfig(views=4), torch.Generator().manual_seed(0))
+    for parallel in (True, False):
+        teacher = ViewRecorder()
+        trainer = PRDTrainer(pipe, [teacher], TrainConfig(**dict(FAST, renderers=("mesh", "volume")),
+                                                          parallel_guidance=parallel))
+        trainer.mesh = trainer.volume = StubRenderer()
+        trainer._inputs = dict(prompts=["a chair", "a car"], schedule_step=0, background=None, weights=(0.0, 0.0))
+        for _ in range(6):  # six denoising steps' renders
+            trainer._losses(None, cameras)
+        assert [r for r, _ in teacher.seen] == ["mesh", "volume"] * 6
+        if not parallel:
+            assert all(views is None for _, views in teacher.seen)
+            continue
+        pairs = list(zip(teacher.seen[::2], teacher.seen[1::2]))
+        assert all(v == [(m + 2) % 4 for m in mesh] for (_, mesh), (_, v) in pairs)
+        assert len({tuple(mesh) for (_, mesh), _ in pairs}) > 1  # drawn afresh every denoising step
+    renders = Renders(torch.rand(8, 3, 4, 4), torch.ones(8, 1, 4, 4), cameras, "volume", sd_views=torch.tensor([3, 1]))
+    chosen = []
+    teacher = StableDiffusionTeacher.__new__(StableDiffusionTeacher)  # only its view choice is exercised here
+    teacher.config = TrainConfig().guidance
+
+    class Stop(Exception):
+        pass
+
+    def encode(images):
+        chosen.append(images)
+        raise Stop
+
+    teacher.vae, teacher.dtype = SimpleNamespace(encode=encode), torch.float32
+    with pytest.raises(Stop):
+        teacher.loss(renders, ["a chair", "a car"], 0)
+    picked = torch.nn.functional.interpolate(renders.rgb[[3, 5]], (512, 512), mode="bilinear", align_corners=False)
+    assert torch.allclose(chosen[0], picked * 2 - 1)  # prompt 0's view 3, prompt 1's view 1
+
+
+def test_long_prompts_are_sliced_as_the_authors_and_truncated_for_sd(tiny_model_dir):
+    """The authors' prompt processors pad to 77 and keep the first 77 ids
+    (stable_diffusion_multi_prompt_processor_callable.py:75-82): a long prompt loses its end token, so
+    its pooled embedding (the background's condition) differs from truncation's, which keeps it."""
+    from triplane_turbo.training.prompts import token_ids
+
+    pipe = tiny_training_pipe(tiny_model_dir)
+    tokenizer = pipe.tokenizer
+    long = " ".join(["chair"] * 100)
+    sliced, truncated = token_ids(tokenizer, [long, "a car"], "slice"), token_ids(tokenizer, [long, "a car"], "truncate")
+    full = tokenizer(long).input_ids
+    assert sliced[0].tolist() == full[:77] and truncated[0, -1] == tokenizer.eos_token_id != sliced[0, -1]
+    assert torch.equal(sliced[1], truncated[1])  # short prompts: the same ids
+    authors = PRDTrainer(pipe, [], TrainConfig(**FAST))
+    hidden, pooled = authors.encode_prompts([long])
+    expected = pipe.text_encoder(sliced[:1])
+    assert torch.allclose(hidden, expected.last_hidden_state) and torch.allclose(pooled, expected.pooler_output)
+    authors.config = TrainConfig(**FAST, prompt_tokens="truncate")
+    assert not torch.allclose(authors.encode_prompts([long])[1], pooled)
+    assert RECIPES["sd"].prompt_tokens == "truncate" and RECIPES["authors-v1"].prompt_tokens == "slice"

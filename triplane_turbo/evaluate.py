@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--text-template", default=None,
                        help=f"text CLIP reads, with {{prompt}} (default {DEFAULT_TEMPLATE!r})")
     group.add_argument("--authors-quirks", action="store_true",
-                       help="the authors' text ('A photo depicts' glued to the prompt, commas and periods removed) and "
-                            "their dropped prompts (those with an apostrophe), to compare with the paper like for like")
+                       help="the authors' text ('A photo depicts' glued to the prompt as the file spells it, leading "
+                            "spaces kept, commas and periods removed) and their dropped prompts (those with an "
+                            "apostrophe), to compare with the paper like for like")
+    group.add_argument("--authors-precision", action="store_true",
+                       help="score in float16 numpy as the authors' script on a GPU (norms, products, mean; R@1 by "
+                            "argmax, ties to the first text in line order)")
     group.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
     cli.add_model_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -86,7 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     values = dict(seed=args.seed, mesh_resolution=args.resolution, texture=args.texture,
                   texture_size=args.texture_size, target_faces=args.faces, unwrap=args.unwrap, views=args.views,
                   image_size=args.image_size, elevation=args.elevation, radius=args.radius, fov=args.fov,
-                  normals=args.normals)
+                  normals=args.normals, authors_precision=args.authors_precision)
     if args.text_template is not None:
         values["text_template"] = args.text_template
     return EvalSettings.authors(**values) if args.authors_quirks else EvalSettings(**values)

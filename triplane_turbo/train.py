@@ -40,6 +40,7 @@ FINE_TUNE_WARMUP = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.presets import PRESETS
     from .training.recipes import DEFAULT_RECIPE, RECIPES, TEACHER_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m triplane_turbo.train",
@@ -48,12 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True,
                         help="a text file (one prompt per line), a JSON prompt library ({\"train\": [...]}), or a "
                              "Hub dataset id[:file] (the authors' captions: ZhiyuanthePony/TriplaneTrubo)")
-    parser.add_argument("--steps", type=int, required=True, help="train until this many optimiser steps in total")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train until this many optimiser steps in total (required unless --preset gives it)")
     parser.add_argument("--output", type=Path, required=True, help="the run's folder (created; resumed if it holds one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts per iteration and process")
+    parser.add_argument("--prompts-per-step", type=int, default=None,
+                        help="prompts per iteration and process (default 2, or the preset's)")
     parser.add_argument("--views", type=int, default=4, help="cameras per prompt and denoising step")
-    parser.add_argument("--accumulate", type=int, default=1, help="iterations per optimiser step")
+    parser.add_argument("--accumulate", type=int, default=None, help="iterations per optimiser step (default 1, "
+                                                                     "or the preset's)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + " (explicit options win)")
+    parser.add_argument("--parallel-guidance", action="store_true",
+                        help="the authors' parallel_guidance (their 98 GB command): the SD teacher reads opposite "
+                             "views of the mesh and the volume render")
     parser.add_argument("--renderers", default="mesh,volume", help="comma-separated: mesh, volume")
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimiser steps (and at the end)")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest; default 2)")
@@ -103,17 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--importance-samples", type=int, default=None, help="importance samples per ray (default 64)")
     sizes.add_argument("--teacher-size", type=int, default=None, help="the SD teacher's image side (default 512)")
     cli.add_mesh_options(parser, resolution=96, texture="vertex", title="mesh (the preview pictures)")
-    cli.add_model_options(parser, dtype_help="the teachers' precision (auto: float16 on a GPU, else float32); the "
-                                             "adapter itself always trains in float32")
+    cli.add_model_options(parser, dtype_help="every teacher's precision (auto: the authors' per teacher, see "
+                                             "--teacher-dtypes); the adapter itself always trains in float32")
+    teach.add_argument("--teacher-dtypes", default=None,
+                       help="per teacher, e.g. sd=float16,mvdream=float32 (default, as the authors on a GPU: SD 2.1 in "
+                            "float16, MVDream and RichDreamer in float32; everything float32 on the CPU)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .training.recipes import DEFAULT_RECIPE, RECIPES, parse_teachers
+    from .training.presets import PRESETS
+    from .training.recipes import DEFAULT_RECIPE, RECIPES, parse_teachers, teacher_dtypes
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.preset_values = preset = PRESETS.get(args.preset)
+    defaults = {"prompts_per_step": 2, "accumulate": 1}  # a preset's values, else the authors' v1 run's
+    if preset is not None:
+        defaults = {name: getattr(preset, name) for name in ("steps", "prompts_per_step", "accumulate")}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:  # given explicitly: it wins
+            setattr(args, name, value)
+    if args.steps is None:
+        parser.error("--steps is required (or a --preset that gives it)")
     for name in ("steps", "prompts_per_step", "views", "accumulate", "save_every", "keep"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -137,8 +159,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.teacher_specs = parse_teachers(args.teachers, args.teacher_weights) if args.teachers \
             else RECIPES[args.recipe or DEFAULT_RECIPE].teachers
+        teacher_dtypes([spec.name for spec in args.teacher_specs], "cuda", args.teacher_dtypes)
     except ValueError as exc:
         parser.error(str(exc))
+    # the authors' recipes slice long prompts as their prompt processors; ``sd`` keeps the end token
+    args.prompt_tokens = "slice" if args.teachers else RECIPES[args.recipe or DEFAULT_RECIPE].prompt_tokens
     return args
 
 
@@ -148,18 +173,23 @@ def train_config(args: argparse.Namespace):
 
     from .training import TrainConfig
     from .training.config import TINY_TRAINING, BackgroundConfig, CameraConfig, OptimizerConfig
+    from .training.presets import apply_preset
 
     base = TrainConfig(**TINY_TRAINING) if args.tiny else TrainConfig()
+    if args.preset_values is not None:
+        base = apply_preset(base, args.preset_values)
     volume = replace(base.volume, **{k: v for k, v in dict(
         rays=args.rays, global_rays=args.global_rays, patch_rays=args.patch_rays, coarse_samples=args.samples,
         fine_samples=args.importance_samples).items() if v is not None})
     mesh = replace(base.mesh, **{k: v for k, v in dict(image=args.image_size, grid=args.grid).items() if v is not None})
-    guidance = replace(base.guidance, **({"image_size": args.teacher_size} if args.teacher_size else {}))
+    guidance = replace(base.guidance, prompt_tokens=args.prompt_tokens,
+                       **({"image_size": args.teacher_size} if args.teacher_size else {}))
     fine_tuning = not args.from_scratch
     warmup = args.warmup if args.warmup is not None else (FINE_TUNE_WARMUP if fine_tuning else 0)
     schedule_start = args.schedule_start if args.schedule_start is not None else (AUTHORS_RUN_STEPS if fine_tuning else 0)
     return replace(base, steps=args.steps, prompts_per_step=args.prompts_per_step, accumulate=args.accumulate,
                    schedule_start=schedule_start, seed=args.seed, renderers=args.renderers,
+                   parallel_guidance=args.parallel_guidance or base.parallel_guidance, prompt_tokens=args.prompt_tokens,
                    learned_background=not args.no_background, cameras=CameraConfig(views=args.views),
                    optimizer=OptimizerConfig(name=args.optimizer, lr=args.lr, warmup=warmup),
                    background=replace(base.background if args.tiny else BackgroundConfig(), lr=args.background_lr),
@@ -193,8 +223,7 @@ def main(argv=None) -> int:
     from .training.prd import ddp_kwargs
 
     device, use_cpu = cli.process_device(args.device)
-    auto = torch.float16 if device.type == "cuda" else torch.float32
-    teacher_dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+    teacher_dtype = resolve_teacher_dtypes(args, device.type)
     config = train_config(args)
     trackers = "tensorboard" if tensorboard_installed() else None
     scratch = tempfile.TemporaryDirectory(prefix="triplane-turbo-train-") if args.tiny else None
@@ -210,7 +239,7 @@ def main(argv=None) -> int:
         pipe = load_pipeline(args, weights, spec, device)
         teachers = build_teachers(args.teacher_specs, base_dir=weights.base_dir, device=device, dtype=teacher_dtype,
                                   guidance=config.guidance, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                  sources=sources, tiny=args.tiny)
+                                  sources=sources, tiny=args.tiny, settings=teacher_settings(args))
     except (*cli.loading_errors(), TeacherUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -272,6 +301,29 @@ def main(argv=None) -> int:
     if scratch is not None:
         scratch.cleanup()
     return 0
+
+
+def teacher_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """The multi-view teachers' config values a ``--preset`` sets (none without one)."""
+    from .training.presets import teacher_settings as preset_settings
+
+    return preset_settings(args.preset_values) if args.preset_values is not None else {}
+
+
+def resolve_teacher_dtypes(args: argparse.Namespace, device_type: str) -> dict:
+    """Each teacher's dtype: the authors' (float16 SD 2.1, float32 MVDream and RichDreamer) on CUDA,
+    float32 elsewhere; ``--dtype`` sets every teacher's, ``--teacher-dtypes`` single ones."""
+    from .training.recipes import teacher_dtypes
+
+    names = [spec.name for spec in args.teacher_specs]
+    dtypes = teacher_dtypes(names, device_type, None if args.dtype == "auto" else args.dtype)
+    if args.teacher_dtypes and "=" not in args.teacher_dtypes:
+        return teacher_dtypes(names, device_type, args.teacher_dtypes)
+    if args.teacher_dtypes:
+        named = teacher_dtypes(names, device_type, args.teacher_dtypes)
+        given = {item.partition("=")[0].strip() for item in args.teacher_dtypes.split(",")}
+        dtypes.update({name: dtype for name, dtype in named.items() if name in given})
+    return dtypes
 
 
 def resolve_weights(args: argparse.Namespace, scratch):

@@ -13,12 +13,12 @@ rasteriser), ``clip`` (features and metrics), ``run`` (the chain, resumable, ove
 ``python -m triplane_turbo.evaluate``.
 """
 
-from .clip import ClipMetrics, ClipScorer, clip_metrics, resolve_clip
+from .clip import ClipMetrics, ClipScorer, authors_float16_metrics, clip_metrics, resolve_clip
 from .protocol import AUTHORS_TEMPLATE, DEFAULT_CLIP, DEFAULT_TEMPLATE, EvalSettings, clip_text, read_eval_prompts
 from .report import compare_runs
 from .run import EvalResult, evaluate_pipeline
 from .views import ViewMesh, render_views
 
 __all__ = ["AUTHORS_TEMPLATE", "ClipMetrics", "ClipScorer", "DEFAULT_CLIP", "DEFAULT_TEMPLATE", "EvalResult",
-           "EvalSettings", "ViewMesh", "clip_metrics", "clip_text", "compare_runs", "evaluate_pipeline",
-           "read_eval_prompts", "render_views", "resolve_clip"]
+           "EvalSettings", "ViewMesh", "authors_float16_metrics", "clip_metrics", "clip_text", "compare_runs",
+           "evaluate_pipeline", "read_eval_prompts", "render_views", "resolve_clip"]

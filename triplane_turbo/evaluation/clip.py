@@ -221,4 +221,42 @@ def clip_metrics(image_features, text_features, targets, weight: float = 2.5,
                        float(scores.sum()) / count * 100, {k: float((ranks <= k).sum()) / count * 100 for k in ks})
 
 
-__all__ = ["CLIP_FILES", "ClipMetrics", "ClipScorer", "ENV_CLIP", "clip_metrics", "resolve_clip"]
+def authors_float16_metrics(image_features, text_features, targets, weight: float = 2.5,
+                            ks: Sequence[int] = (1, 5)) -> ClipMetrics:
+    """C.S. and Recall@k computed as the authors' script does on a GPU (``--authors-precision``).
+
+    Their ``evaluation/clipscore/compute.py`` takes OpenAI's ``clip`` features as float16 numpy arrays
+    (the model runs in float16 on CUDA, line 104-106) and does everything in float16: L2 norms
+    ``x / sqrt(sum(x²))`` (lines 132-133, 154-155), the per-view score ``w · clip(sum(image · text), 0)``
+    (line 135) and its mean (line 202); R@1 is ``clip(images @ texts.T, 0).argmax(-1) == target``
+    (lines 157-159). Here the same numpy operations on the features rounded to float16. ``ranks``
+    follow argmax's rule (ties go to the lower text index: texts in line order); the authors' texts
+    are ``list(set(captions))`` (line 209), whose order, and so their tie-breaking, changes from run
+    to run with Python's string hashing. What also remains different: their model keeps LayerNorm in
+    float32 (``clip.model.LayerNorm``), transformers' float16 CLIP does not; on the CPU their script
+    runs in float32.
+    """
+    images = np.asarray(torch.as_tensor(image_features).float().numpy(), dtype=np.float16)
+    texts = np.asarray(torch.as_tensor(text_features).float().numpy(), dtype=np.float16)
+    targets = np.asarray(targets, dtype=np.int64)
+    if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1] or len(targets) != len(images):
+        raise ValueError(f"expected [N, D] image and [P, D] text features and N targets, got "
+                         f"{list(images.shape)}, {list(texts.shape)}, {len(targets)}")
+    images = images / np.sqrt(np.sum(images ** 2, axis=1, keepdims=True))
+    texts = texts / np.sqrt(np.sum(texts ** 2, axis=1, keepdims=True))
+    per_view = weight * np.clip(np.sum(images * texts[targets], axis=1), 0, None)  # float16
+    cosine = images @ texts.T  # float16
+    clipped = np.clip(cosine, 0, None)
+    rows = np.arange(len(targets))
+    own = clipped[rows, targets]
+    index = np.arange(len(texts))[None]
+    ranks = (clipped > own[:, None]).sum(1) + ((clipped == own[:, None]) & (index < targets[:, None])).sum(1) + 1
+    count = max(len(targets), 1)
+    mean = float(np.mean(per_view)) if len(targets) else 0.0
+    top1 = clipped.argmax(1) if len(texts) else np.zeros(len(targets), np.int64)
+    return ClipMetrics(cosine.astype(np.float64), targets, per_view.astype(np.float64), ranks, top1, mean * 100,
+                       {k: float((ranks <= k).sum()) / count * 100 for k in ks})
+
+
+__all__ = ["CLIP_FILES", "ClipMetrics", "ClipScorer", "ENV_CLIP", "authors_float16_metrics", "clip_metrics",
+           "resolve_clip"]

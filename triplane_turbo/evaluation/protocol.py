@@ -6,8 +6,10 @@ one mesh per prompt (4 steps, marching cubes at 128, albedo per vertex), four vi
 from 15° above the horizon at radius 3 with a 50° vertical field of view, 512² pixels, CLIP ViT-B/32, a
 score of 2.5·max(cos, 0) per image. Two things of theirs are not followed by default and are
 reproduced by ``EvalSettings.authors()`` (``--authors-quirks``): their text (``"A photo depicts"`` glued
-to the prompt, whose commas and periods their folder names dropped) and their six lost prompts (the
-ones with an apostrophe, whose unquoted shell paths gave them no images).
+to the prompt as the library spells it, leading spaces kept, whose commas and periods their folder
+names dropped: ``compute.py:51, 179``) and their six lost prompts (the ones with an apostrophe, whose
+unquoted shell paths gave them no images). Their float16 scoring is ``authors_precision``
+(``--authors-precision``; ``clip.authors_float16_metrics``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class EvalSettings:
         strip_punctuation: drop commas and periods from the prompt, and turn underscores into spaces (as
             the authors' folder names did).
         drop_apostrophes: leave out prompts holding an apostrophe (as the authors' shell did).
+        raw_prompts: build the text from the prompt as the library spells it, not from the cleaned
+            prompt: two DreamFusion test prompts start with two spaces (dreamfusion_415_prompt_library
+            .json:844, 846, ``"  Coffee cup with many holes"``), so the authors' text is
+            ``"A photo depicts  Coffee…"``.
+        authors_precision: score in float16 numpy as the authors' script on a GPU
+            (``clip.authors_float16_metrics``: float16 features, norms, products and mean; R@1 by argmax,
+            ties to the first text in line order — theirs to the first in a ``set``'s order).
         score_weight: w in the per-image score w·max(cos, 0).
     """
 
@@ -73,6 +82,8 @@ class EvalSettings:
     text_template: str = DEFAULT_TEMPLATE
     strip_punctuation: bool = False
     drop_apostrophes: bool = False
+    raw_prompts: bool = False
+    authors_precision: bool = False
     score_weight: float = 2.5
 
     def __post_init__(self):
@@ -96,7 +107,7 @@ class EvalSettings:
     def authors(cls, **overrides) -> "EvalSettings":
         """The settings with the authors' text and dropped prompts (``--authors-quirks``)."""
         return cls(**{"text_template": AUTHORS_TEMPLATE, "strip_punctuation": True, "drop_apostrophes": True,
-                      **overrides})
+                      "raw_prompts": True, **overrides})
 
     def replace(self, **changes) -> "EvalSettings":
         return replace(self, **changes)
@@ -122,8 +133,11 @@ class EvalSettings:
         return asdict(self)
 
 
-def clip_text(prompt: str, settings: EvalSettings) -> str:
-    """The caption CLIP compares a prompt's views with."""
+def clip_text(prompt: str, settings: EvalSettings, raw: str | None = None) -> str:
+    """The caption CLIP compares a prompt's views with (``raw``: the prompt as its file spells it,
+    read instead of the cleaned ``prompt`` with ``settings.raw_prompts``)."""
+    if settings.raw_prompts and raw is not None:
+        prompt = raw
     if settings.strip_punctuation:
         prompt = prompt.replace(",", "").replace(".", "").replace("_", " ")
     return settings.text_template.replace("{prompt}", prompt)
@@ -138,13 +152,25 @@ def dropped(prompt: str, settings: EvalSettings) -> bool:
 # Prompts
 # -------------------------------------------------------------------------------------------------
 
+@dataclass
+class EvalPromptLine(PromptLine):
+    """A ``PromptLine`` that remembers the prompt as its file spells it (``raw``), for the authors' text."""
+
+    raw: str | None = None
+
+
+def _with_raw(line: PromptLine, raw: str) -> EvalPromptLine:
+    return EvalPromptLine(line.line, line.prompt, line.error, raw)
+
+
 def prompt_lines(prompts: Sequence[str]) -> list[PromptLine]:
     """A list of prompts -> numbered ``PromptLine`` (1, 2, …), cleaned and checked as the batch
-    command checks a file's lines (an empty or over-long prompt becomes an error line, not a crash)."""
+    command checks a file's lines (an empty or over-long prompt becomes an error line, not a crash);
+    each keeps its raw spelling (``EvalPromptLine.raw``)."""
     for number, raw in enumerate(prompts, start=1):
         if not isinstance(raw, str):
             raise TypeError(f"prompt {number} is a {type(raw).__name__}, not a string")
-    return [prompt_line(number, raw) for number, raw in enumerate(prompts, start=1)]
+    return [_with_raw(prompt_line(number, raw), raw) for number, raw in enumerate(prompts, start=1)]
 
 
 def read_eval_prompts(path: str | os.PathLike, split: str = "test") -> list[PromptLine]:
@@ -153,7 +179,8 @@ def read_eval_prompts(path: str | os.PathLike, split: str = "test") -> list[Prom
     ``split`` list, numbered 1, 2, …; a plain JSON list of strings works too)."""
     path = Path(path)
     if path.suffix.lower() != ".json":
-        return read_prompts(path)
+        raws = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [_with_raw(line, raws[line.line - 1]) for line in read_prompts(path)]
     try:
         library = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as exc:
@@ -167,5 +194,6 @@ def read_eval_prompts(path: str | os.PathLike, split: str = "test") -> list[Prom
     return prompt_lines(library)
 
 
-__all__ = ["AUTHORS_TEMPLATE", "DEFAULT_CLIP", "DEFAULT_TEMPLATE", "EvalSettings", "clip_text", "dropped",
+__all__ = ["AUTHORS_TEMPLATE", "DEFAULT_CLIP", "DEFAULT_TEMPLATE", "EvalPromptLine", "EvalSettings", "clip_text",
+           "dropped",
            "prompt_lines", "read_eval_prompts"]

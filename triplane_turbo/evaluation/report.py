@@ -17,6 +17,9 @@ from ..fileio import write_atomic
 METRICS_JSON, METRICS_MD, CONTACT_SHEET = "metrics.json", "metrics.md", "contact_sheet.png"
 TIES = ("a view's rank is the number of unique texts whose score w·max(cos, 0) is at least its own "
         "text's, so a tie counts as a miss; no ordering of the prompts enters the metrics")
+#: With ``authors_precision``: the authors' float16 arithmetic and argmax (clip.authors_float16_metrics).
+AUTHORS_TIES = ("float16 arithmetic as the authors' script; a view's rank counts the texts scoring higher and "
+                "the equal ones earlier in line order (argmax's rule; theirs orders texts by a Python set)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def build_metrics(jobs, lost, scored, texts, settings, pipe, clip, out_dir: Path
                      "dtype": str(clip.dtype).removeprefix("torch.")},
             "definitions": {"clip_score": f"mean over all views of {settings.score_weight}·max(cos, 0), ×100",
                             "r_at_k": "percent of views whose own prompt's text ranks ≤ k among the unique texts",
-                            "ties": TIES},
+                            "ties": AUTHORS_TIES if settings.authors_precision else TIES},
             "timing": timing, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompts": prompts}
 
 

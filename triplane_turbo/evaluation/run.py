@@ -32,7 +32,7 @@ from ..batch import run_split
 from ..fileio import write_atomic
 from ..manifest import PromptLine, line_seed, output_name, read_records
 from . import report, views
-from .clip import clip_metrics
+from .clip import authors_float16_metrics, clip_metrics
 from .protocol import EvalSettings, clip_text, dropped, prompt_lines, read_eval_prompts
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def generate_meshes(pipe, lines: list[PromptLine], meshes_dir: Path, settings: E
     jobs = []
     for item in lines:
         seed = line_seed(settings.seed, item.line)
-        job = PromptJob(item, clip_text(item.prompt, settings), seed)
+        job = PromptJob(item, clip_text(item.prompt, settings, getattr(item, "raw", None)), seed)
         record = records.get(item.line, {})
         expected = output_name(item.line, item.prompt, seed, batch)
         if record.get("status") == "ok" and record.get("file") == expected and (meshes_dir / expected).is_file():
@@ -229,7 +229,8 @@ def evaluate_pipeline(pipe, prompts, out_dir: str | Path, settings: EvalSettings
     targets = [index[job.text] for job in jobs for _ in range(settings.views)]
     image_features = clip.embed_images(images)
     text_features = clip.embed_texts(texts)
-    scored = clip_metrics(image_features, text_features, targets, settings.score_weight)
+    scored = (authors_float16_metrics if settings.authors_precision else clip_metrics)(
+        image_features, text_features, targets, settings.score_weight)
     clip_seconds = time.perf_counter() - start
     generation = [job.seconds for job in jobs if job.seconds is not None]
     timing = {"generate_seconds_per_prompt": statistics.median(generation) if generation else None,

@@ -40,6 +40,9 @@ class VolumeConfig:
     far: float = 4.0
     coarse_samples: int = 128
     fine_samples: int = 64
+    #: the proposal pass's NeuS step (None: the authors' render_step_size, 1.732 · 2 · radius /
+    #: fine_samples with radius 1: 0.054 at 64; threestudio's neus_volume_renderer.py:84-86)
+    proposal_step: float | None = None
     rays: int = 128  # the image side the loss sees
     global_rays: int = 42  # the whole view, rendered at 42² and upsampled ...
     patch_rays: int = 40  # ... with one 40² full-resolution patch pasted in (same place in every view)
@@ -49,6 +52,13 @@ class VolumeConfig:
     #: (texture is learned mostly through the mesh path); the forward value is unchanged
     color_grad_scale: tuple[float, float] = (1.0, 0.01)
     color_grad_until: int = 20_000
+
+    @property
+    def proposal_step_size(self) -> float:
+        """The step the proposal pass's opacity assumes (``proposal_step``, else the authors' rule)."""
+        if self.proposal_step is not None:
+            return self.proposal_step
+        return 1.732 * 2 * 1.0 / max(self.fine_samples, 1)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class MeshConfig:
     force_surface: bool = True
     #: nvdiffrast's silhouette antialiasing (visibility gradients at silhouettes)
     antialias: bool = True
+    #: when no view of an object sees its surface, its whole first view counts as covered (the
+    #: authors' ``mask[:1] = True``), so the colour field still gets a gradient
+    empty_view_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,8 @@ class GuidanceConfig:
     max_step: float = 0.98
     eps: float = 0.1  # in g = (x̂₂ − x̂₁) / (mean|z − x̂₁| + eps)
     weight: float = 1.0
+    #: how prompts become tokens ("slice": the authors', "truncate": keeps the end token; prompts.token_ids)
+    prompt_tokens: str = "slice"
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     #: the learned background in both renderers (False: the renderers' plain white)
     learned_background: bool = True
+    #: how prompts become tokens for the generator and the background ("slice": the authors' prompt
+    #: processors, a long prompt loses its end token; "truncate": the tokenizer's; prompts.token_ids)
+    prompt_tokens: str = "slice"
+    #: the authors' ``parallel_guidance`` (their 98 GB command): the SD teacher reads a random view of
+    #: the mesh render and the opposite view of the volume render (``training.presets``)
+    parallel_guidance: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)

@@ -13,7 +13,14 @@ An SDF without a zero crossing on the grid gets one, as the authors' renderer do
 InstantMesh): the centre grid point is pushed to ``−1 − max`` below its value and a two-point-deep
 border shell to ``1 − min`` above, so a small closed surface appears and gradients keep flowing
 (instead of a picture of the background). Their offsets follow the SDF's max/min with gradients;
-here they are constants (the path's SDF gradient is scaled by 0.001 anyway).
+here they are constants (the path's SDF gradient is scaled by 0.001 anyway). When none of an object's
+views sees its surface, the whole first view counts as covered, as theirs (``mask[:1] = True``,
+generative_space_mesh_rasterize_renderer.py:169-172): coloured by the field at the origin (the
+interpolated position off the mesh), zero normals and clip depth there.
+
+Besides the distance along the ray (``depth``), the path gives the clip-space z the authors hand to
+RichDreamer (``clip_depth``, generative_space_mesh_rasterize_renderer.py:153-154 and 176-189; the
+projection's near 0.1 / far 1000, multiview_multiprompt_dualrender_multistep_v2.py:339-341).
 
 Where gradients go, and where they are dropped:
 
@@ -53,6 +60,9 @@ class MeshRender:
         opacity: [N, 1, S, S] coverage: 1 where the mesh covers the pixel, fractional on silhouettes.
         normal: [N, 3, S, S] world-space unit vertex normals (outward) times the coverage.
         depth: [N, 1, S, S] distance from the camera along the pixel's ray times the coverage.
+        clip_depth: [N, 1, S, S] the clip-space z the authors' mesh path gives RichDreamer (their
+            ``depth = interpolate(v_pos_clip)[..., 2]``, not divided by w; near 0.1, far 1000:
+            z_clip = 1.0002·z_axial − 0.2), times the coverage; 0 where no triangle is hit.
         faces: triangles of each object's mesh.
         forced: per object, whether its SDF had no surface on the grid and one was forced.
     """
@@ -63,6 +73,7 @@ class MeshRender:
     depth: torch.Tensor
     faces: list[int]
     forced: list[bool]
+    clip_depth: torch.Tensor | None = None
 
 
 def shrink_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -162,24 +173,34 @@ class MeshRenderer:
             forced.append(was_forced)
             bg = backgrounds[view]
             if not len(faces):  # nothing to draw (only when forcing is off): the background, on the graph
-                empty = torch.zeros(views, size, size, 5, device=device) + 0 * triplane[b].sum()
+                empty = torch.zeros(views, size, size, 6, device=device) + 0 * triplane[b].sum()
                 images.append(torch.cat([bg, empty], -1).flip(1))
                 continue
             homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
             clip = torch.einsum("nij,vj->nvi", projection[view], homogeneous)  # [views, V, 4]
             rast = rasterize(clip, faces, (size, size))  # row 0 at the bottom
-            covered = rast[..., 3:] > 0
+            triangle = rast[..., 3:] > 0
+            covered = triangle
+            if cfg.empty_view_fallback and not bool(triangle.any()):
+                # the authors' rule when none of the object's views sees its surface: the whole first
+                # view counts as covered (coloured by the field at the origin), so gradients still flow
+                covered = triangle.clone()
+                covered[:1] = True
             hit = covered[..., 0]
-            points = interpolate(vertices, rast, faces)  # [views, S, S, 3]
+            points = interpolate(vertices, rast, faces)  # [views, S, S, 3]; 0 (the origin) off the mesh
             normal = F.normalize(interpolate(vertex_normals(vertices, faces), rast, faces), dim=-1) * covered
             depth = (points - positions[view, None, None, :]).norm(dim=-1, keepdim=True) * covered
+            # clip-space z of the surface point: affine in it, so equal to interpolating the vertices'
+            # clip z with the same (perspective-correct) barycentrics, as the authors' mesh path does
+            row = projection[view, 2]  # [views, 4]
+            clip_depth = ((points * row[:, None, None, :3]).sum(-1, keepdim=True) + row[:, None, None, 3:]) * triangle
             color = bg.index_put((hit,), fields.color(triplane[b:b + 1], points[hit][None])[0])
-            image = torch.cat([color, covered.float(), normal, depth], -1)  # [views, S, S, 8]
+            image = torch.cat([color, covered.float(), normal, depth, clip_depth], -1)  # [views, S, S, 9]
             if cfg.antialias:
                 image = antialias(image, rast, clip, faces, neighbours=edge_neighbours(faces.to(device)))
             images.append(image.flip(1))
-        out = torch.cat(images).permute(0, 3, 1, 2)  # [N, 8, S, S]
-        return MeshRender(out[:, :3], out[:, 3:4], out[:, 4:7], out[:, 7:8], counts, forced)
+        out = torch.cat(images).permute(0, 3, 1, 2)  # [N, 9, S, S]
+        return MeshRender(out[:, :3], out[:, 3:4], out[:, 4:7], out[:, 7:8], counts, forced, out[:, 8:9])
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

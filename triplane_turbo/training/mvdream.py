@@ -39,6 +39,7 @@ from .config import ramp
 from .ldm_checkpoint import (SD21_AUTOENCODER, LdmAutoencoderConfig, ldm_alphas_cumprod, load_autoencoder,
                              read_multiview_unet)
 from .multiview_unet import MVDREAM_SD21, MultiViewUNet, MultiViewUNetConfig, normalize_camera
+from .prompts import token_ids
 from .teachers import Renders, Teacher
 
 MVDREAM_REPO = "MVDream/MVDream"
@@ -126,11 +127,9 @@ class PromptEncoder:
         """[B, L, D] embeddings of ``prompts`` (L = the tokenizer's max length)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            length = self.tokenizer.model_max_length
             # each prompt padded to the max length, then cut to it: the authors' tokenisation (a long
             # prompt loses its end-of-text token, as theirs does)
-            ids = torch.tensor([self.tokenizer(p, padding="max_length", max_length=length).input_ids[:length]
-                                for p in missing])
+            ids = token_ids(self.tokenizer, missing, "slice")
             out = self.text_encoder(ids.to(self.device))[0]
             self._cache.update(zip(missing, out))
         for p in prompts:

@@ -46,6 +46,7 @@ from .cameras import sample_cameras
 from .config import OptimizerConfig, TrainConfig, ramp
 from .mesh import MeshRenderer
 from .optim import Adan
+from .prompts import token_ids
 from .teachers import Renders, Teacher
 from .volume import NeuSRenderer
 
@@ -207,11 +208,11 @@ class PRDTrainer:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """SD 2.1's text encoder: the per-token embeddings [P, 77, D] (the UNet's context) and the
-        pooled embedding [P, D] (the background's condition, as the authors' ``text_embed_bg``)."""
+        pooled embedding [P, D] (the background's condition, as the authors' ``text_embed_bg``); the
+        tokens as ``config.prompt_tokens`` says (the authors' recipes: sliced, as their processors)."""
         pipe = self.pipe
-        tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        out = pipe.text_encoder(tokens.input_ids.to(self.device))
+        ids = token_ids(pipe.tokenizer, prompts, self.config.prompt_tokens)
+        out = pipe.text_encoder(ids.to(self.device))
         return out.last_hidden_state.clone(), out.pooler_output.clone()
 
     def train_step(self, prompts: list[str]) -> dict[str, float]:
@@ -276,6 +277,13 @@ class PRDTrainer:
         fields, inputs, losses = self.pipe.fields, self._inputs, {}
         eikonal_weight, sparsity_weight = inputs["weights"]
         step, prompts, background = inputs["schedule_step"], inputs["prompts"], inputs["background"]
+        sd_views = {}
+        if self.config.parallel_guidance:
+            # the authors' parallel guidance (richdreamer_mvdream_stablediffusion_asd_guidance.py:1677-1684,
+            # sd_oppo_side): SD reads a random view of the mesh render and the opposite one of the volume render
+            views = cameras.views_per_prompt
+            first = torch.randint(0, views, (len(prompts),), generator=self.generator)
+            sd_views = {"mesh": first, "volume": (first + views // 2) % views}
         for renderer in self.config.renderers:
             if renderer == "mesh":
                 out = self.mesh.render(fields, triplane, cameras, background)
@@ -287,7 +295,8 @@ class PRDTrainer:
                     losses["sparsity"] = sparsity_weight * (out.opacity ** 2 + 0.01).sqrt().mean()
             else:
                 raise ValueError(f"unknown renderer {renderer!r}")
-            renders = Renders(out.rgb, out.opacity, cameras, renderer, out.normal, out.depth)
+            renders = Renders(out.rgb, out.opacity, cameras, renderer, out.normal, out.depth,
+                              getattr(out, "clip_depth", None), sd_views.get(renderer))
             for teacher in self.teachers:
                 losses[f"{teacher.name}/{renderer}"] = teacher.loss(renders, prompts, step, self.generator)
         return losses

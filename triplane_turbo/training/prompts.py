@@ -23,6 +23,30 @@ DEFAULT_FILES = {AUTHORS_DATASET: "3DTopia_prompt_library.json"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?$")
 
 
+#: How a prompt becomes token ids (``token_ids``): the authors' slicing, or the tokenizer's truncation.
+TOKEN_MODES = ("slice", "truncate")
+
+
+def token_ids(tokenizer, prompts: list[str], mode: str = "slice"):
+    """[B, L] token ids of ``prompts`` (L = the tokenizer's max length, 77 for CLIP).
+
+    "slice" (the authors'): padded to L, then the first L ids kept, as their prompt processors do
+    (``tokens.input_ids[:, :tokenizer.model_max_length]``, stable_diffusion_multi_prompt_processor_
+    callable.py:75-82 and dual_stable_diffusion_multi_prompt_processor_callable.py:84-91): a prompt of
+    more than L − 2 tokens loses its end-of-text token, which changes its pooled embedding.
+    "truncate": the tokenizer's truncation, which keeps the end token.
+    """
+    import torch
+
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"the token mode is one of {', '.join(TOKEN_MODES)}, got {mode!r}")
+    length = tokenizer.model_max_length
+    if mode == "truncate":
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids
+    return torch.tensor([tokenizer(p, padding="max_length", max_length=length).input_ids[:length] for p in prompts])
+
+
 def parse_prompt_file(path: Path) -> list[str]:
     """Prompts of a text file or a JSON library (see the module docstring), cleaned, blanks dropped."""
     from ..inputs import clean_text

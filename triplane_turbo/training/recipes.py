@@ -19,7 +19,7 @@ the repository the authors' ``scripts/prepare/download_full.py`` fetches).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class Recipe:
     name: str
     teachers: tuple[TeacherSpec, ...]
     summary: str
+    #: how its prompts become tokens (``prompts.token_ids``): the authors' slicing for their recipes
+    prompt_tokens: str = "slice"
 
 
 RECIPES: dict[str, Recipe] = {
@@ -52,7 +54,7 @@ RECIPES: dict[str, Recipe] = {
                          "the authors' full run: MVDream + RichDreamer normal-depth + SD 2.1, weight 1 each"),
     "authors-mv": Recipe("authors-mv", (TeacherSpec("mvdream"),),
                          "the authors' reduced run (rd_weight=0 sd_weight=0): MVDream alone"),
-    "sd": Recipe("sd", (TeacherSpec("sd"),), "Stable Diffusion 2.1 alone"),
+    "sd": Recipe("sd", (TeacherSpec("sd"),), "Stable Diffusion 2.1 alone", prompt_tokens="truncate"),
 }
 DEFAULT_RECIPE = "authors-v1"
 
@@ -64,6 +66,38 @@ TEACHER_MODULES: dict[str, tuple[str, str]] = {
 TEACHER_NAMES = ("sd", *TEACHER_MODULES)
 #: RichDreamer's text encoder: SD 1.5's CLIP-L (Hub id or local diffusers folder).
 SD15_TEXT = "sd-legacy/stable-diffusion-v1-5"
+#: The authors' teacher precision on a GPU: Stable Diffusion in float16 (their guidance's
+#: ``half_precision_weights: bool = True``, richdreamer_mvdream_stablediffusion_asd_guidance.py:93, 130-139),
+#: MVDream and RichDreamer in float32 (their model zoos build them with no half cast,
+#: extern/mvdream/model_zoo.py:35-57; the MVDream UNet's ``use_fp16=False`` default and the normal-depth
+#: config's ``use_fp16: False``; ``trainer.precision: 32`` in configs/TriplaneTurbo_v1.yaml:254).
+AUTHORS_TEACHER_DTYPES: dict[str, torch.dtype] = {"sd": torch.float16, "mvdream": torch.float32,
+                                                  "richdreamer": torch.float32}
+
+
+def teacher_dtypes(names, device_type: str, override: str | None = None) -> dict[str, torch.dtype]:
+    """Each teacher's dtype: the authors' (``AUTHORS_TEACHER_DTYPES``) on CUDA, float32 elsewhere.
+
+    ``override``: None or "auto" (that rule), one dtype for every teacher ("float32"), or per teacher
+    "sd=float16,richdreamer=float16" (the others keep the rule). ValueError for anything else.
+    """
+    names = list(names)
+    dtypes = {n: AUTHORS_TEACHER_DTYPES[n] if device_type == "cuda" else torch.float32 for n in names}
+    if override in (None, "", "auto"):
+        return dtypes
+    allowed = ("float32", "float16", "bfloat16")
+    if "=" not in override:
+        if override not in allowed:
+            raise ValueError(f"a teacher dtype is one of {', '.join(allowed)}, got {override!r}")
+        return {n: getattr(torch, override) for n in names}
+    for item in override.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in TEACHER_NAMES or value not in allowed:
+            raise ValueError(f"--teacher-dtypes takes name=dtype pairs ({', '.join(TEACHER_NAMES)}; "
+                             f"{', '.join(allowed)}), got {item!r}")
+        if name in dtypes:
+            dtypes[name] = getattr(torch, value)
+    return dtypes
 
 
 def teacher_class(name: str) -> type[Teacher]:
@@ -133,13 +167,17 @@ def teacher_sources(specs: tuple[TeacherSpec, ...], sources: dict[str, str | Non
     return resolved
 
 
-def build_teachers(specs: tuple[TeacherSpec, ...], *, base_dir: str | Path, device, dtype: torch.dtype,
-                   guidance: GuidanceConfig = GuidanceConfig(), text_encoder=None, tokenizer=None,
-                   sources: dict[str, str | None] | None = None, tiny: bool = False) -> list[Teacher]:
+def build_teachers(specs: tuple[TeacherSpec, ...], *, base_dir: str | Path, device,
+                   dtype: torch.dtype | dict[str, torch.dtype], guidance: GuidanceConfig = GuidanceConfig(),
+                   text_encoder=None, tokenizer=None, sources: dict[str, str | None] | None = None,
+                   tiny: bool = False, settings: dict[str, dict] | None = None) -> list[Teacher]:
     """The teachers of ``specs``, each weighted.
 
     Args:
         base_dir: the SD 2.1 base model folder (the ``sd`` teacher's weights; with ``tiny``, the tiny one).
+        dtype: one dtype for every teacher, or one per teacher name (``teacher_dtypes``: the authors').
+        settings: per teacher name, fields of its config to replace (``mvdream``: ``MVDreamConfig``,
+            ``richdreamer``: ``RichDreamerConfig``; ``sd`` reads ``guidance``), e.g. a preset's schedules.
         text_encoder, tokenizer: the pipeline's SD 2.1 text encoder, shared with the teachers that use it.
         sources: per teacher name, a Hub id or local path of its weights (None: the class's default).
         tiny: tiny random teachers (offline).
@@ -150,27 +188,32 @@ def build_teachers(specs: tuple[TeacherSpec, ...], *, base_dir: str | Path, devi
     teachers: list[Teacher] = []
     for spec in specs:
         cls = teacher_class(spec.name)
+        kind = dtype.get(spec.name, torch.float32) if isinstance(dtype, dict) else dtype
+        changes = (settings or {}).get(spec.name, {})
         if spec.name == "sd":
-            teacher = StableDiffusionTeacher(base_dir, device, dtype, guidance, text_encoder=text_encoder,
-                                             tokenizer=tokenizer)
+            teacher = StableDiffusionTeacher(base_dir, device, kind, replace(guidance, **changes),
+                                             text_encoder=text_encoder, tokenizer=tokenizer)
         elif spec.name == "mvdream":
-            from .mvdream import PromptEncoder
+            from .mvdream import TINY_MVDREAM, MVDreamConfig, PromptEncoder
 
             text = PromptEncoder(tokenizer, text_encoder)  # SD 2.1's, shared
-            teacher = cls.tiny(text, device, dtype) if tiny else \
-                cls.from_pretrained(text, resolved[spec.name], device=device, dtype=dtype)
+            config = replace(TINY_MVDREAM if tiny else MVDreamConfig(), **changes)
+            teacher = cls.tiny(text, device, kind, config) if tiny else \
+                cls.from_pretrained(text, resolved[spec.name], device=device, dtype=kind, config=config)
         else:  # richdreamer: SD 1.5's text encoder, its own
             from .mvdream import PromptEncoder
+            from .richdreamer import TINY_RICHDREAMER, RichDreamerConfig
 
+            config = replace(TINY_RICHDREAMER if tiny else RichDreamerConfig(), **changes)
             if tiny:
-                teacher = cls.tiny(device=device, dtype=dtype)
+                teacher = cls.tiny(device=device, dtype=kind, config=config)
             else:
-                text = PromptEncoder.from_pretrained((sources or {}).get("richdreamer-text") or SD15_TEXT, device, dtype)
-                teacher = cls.from_pretrained(text, resolved[spec.name], device=device, dtype=dtype)
+                text = PromptEncoder.from_pretrained((sources or {}).get("richdreamer-text") or SD15_TEXT, device, kind)
+                teacher = cls.from_pretrained(text, resolved[spec.name], device=device, dtype=kind, config=config)
         teachers.append(WeightedTeacher(teacher, spec.weight))
     return teachers
 
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "Recipe", "TEACHER_MODULES", "TEACHER_NAMES", "TeacherSpec",
-           "TeacherUnavailableError", "WeightedTeacher", "build_teachers", "parse_teachers", "teacher_class",
-           "teacher_sources"]
+__all__ = ["AUTHORS_TEACHER_DTYPES", "DEFAULT_RECIPE", "RECIPES", "Recipe", "TEACHER_MODULES", "TEACHER_NAMES",
+           "TeacherSpec", "TeacherUnavailableError", "WeightedTeacher", "build_teachers", "parse_teachers",
+           "teacher_class", "teacher_dtypes", "teacher_sources"]

@@ -61,17 +61,24 @@ class RichDreamerConfig:
     camera_z_rotation_degrees: float = -90.0
     distance_scale: float = 2.0  # the camera position × distance_scale × relative distance ("rel_x2")
     normal_background: tuple[float, float, float] = (0.5, 0.5, 1.0)
+    #: the mesh render's depth: "clip" (the authors': clip-space z) or "distance" (along the ray)
+    mesh_depth: str = "clip"
     weight: float = 1.0
 
 
-def normal_depth_images(renders: Renders, background: tuple[float, float, float] = (0.5, 0.5, 1.0)) -> torch.Tensor:
+def normal_depth_images(renders: Renders, background: tuple[float, float, float] = (0.5, 0.5, 1.0),
+                        mesh_depth: str = "clip") -> torch.Tensor:
     """[N, 4, H, W] in [0, 1]: the camera-space normal map (over ``background``) and the disparity
     RichDreamer sees.
 
     Needs ``renders.normal`` (world-space unit normals, zero where empty), ``renders.depth`` (along the
     ray) and ``renders.opacity``. The volume renderer's depth is Σ w·t, and the authors' formula
-    multiplies it by the opacity once more; for the mesh renderer (opacity 0 or 1) the same formula is
-    their mesh path's (hit depth, zero disparity on the background).
+    multiplies it by the opacity once more (generative_space_sdf_volume_renderer.py:453-457); for the
+    mesh renderer (opacity 0 or 1) the same formula is their mesh path's (zero disparity on the
+    background). ``mesh_depth="clip"`` (the authors'): the mesh path's depth is its clip-space z
+    (``renders.clip_depth``; z_clip ≈ 1.0002·z_axial − 0.2, so the disparity is about 0.2 / (2√3) ≈ 0.058
+    higher than with the distance, generative_space_mesh_rasterize_renderer.py:153-154, 176-189);
+    "distance": the distance along the ray, as the volume renderer's.
     """
     if renders.normal is None or renders.depth is None:
         raise ValueError(f"the RichDreamer teacher needs normal and depth renders; the {renders.renderer} renderer "
@@ -83,7 +90,10 @@ def normal_depth_images(renders: Renders, background: tuple[float, float, float]
     normal = normal * normal.new_tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
     normal = (normal + 1) / 2 * opacity + (1 - opacity) * normal.new_tensor(background).view(1, 3, 1, 1)
     far = (cameras.distance.to(opacity) + SQRT3).view(-1, 1, 1, 1)
-    depth = renders.depth * opacity + (1 - opacity) * far
+    if mesh_depth not in ("clip", "distance"):
+        raise ValueError(f"mesh_depth is 'clip' or 'distance', got {mesh_depth!r}")
+    surface = renders.clip_depth if mesh_depth == "clip" and renders.clip_depth is not None else renders.depth
+    depth = surface * opacity + (1 - opacity) * far
     disparity = ((far - depth) / (2 * SQRT3)).clamp(0, 1)
     return torch.cat([normal, disparity], dim=1)
 
@@ -169,7 +179,7 @@ class RichDreamerTeacher(MultiViewTeacher):
     def latents(self, renders: Renders, generator: torch.Generator | None = None) -> torch.Tensor:
         """x [N, 4, s, s] (float32, differentiable in the normal, depth and opacity renders)."""
         size = self.config.image_size
-        images = normal_depth_images(renders, self.config.normal_background)
+        images = normal_depth_images(renders, self.config.normal_background, self.config.mesh_depth)
         return F.adaptive_avg_pool2d(images, (size, size)).float().to(self.device)
 
     def camera(self, cameras) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .cameras import Cameras
 from .config import GuidanceConfig, ramp
+from .prompts import token_ids
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Renders:
         normal: [N, 3, H, W] world-space unit surface normals (outward) times the opacity.
         depth: [N, 1, H, W] distance from the camera along the pixel's ray times the opacity.
             (Both renderers fill ``normal`` and ``depth``; None only in renders made by hand.)
+        clip_depth: [N, 1, H, W] the mesh path's clip-space z times the opacity (what the authors'
+            mesh renderer gives RichDreamer as its depth); None for the volume renderer.
+        sd_views: [B] the view of each prompt the Stable Diffusion teacher reads (``parallel_guidance``:
+            the volume render's is opposite the mesh render's); None: the teacher draws one.
     """
 
     rgb: torch.Tensor
@@ -44,6 +49,8 @@ class Renders:
     renderer: str
     normal: torch.Tensor | None = None
     depth: torch.Tensor | None = None
+    clip_depth: torch.Tensor | None = None
+    sd_views: torch.Tensor | None = None
 
     def camera_rotation(self) -> torch.Tensor:
         """[N, 3, 3] world -> camera rotations (OpenGL camera axes: x right, y up, z backwards)."""
@@ -134,12 +141,11 @@ class StableDiffusionTeacher(Teacher):
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """[B, 77, D] text embeddings, cached per prompt."""
+        """[B, 77, D] text embeddings, cached per prompt (tokens: ``config.prompt_tokens``)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
-            tokens = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt")
-            out = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+            ids = token_ids(self.tokenizer, missing, self.config.prompt_tokens)
+            out = self.text_encoder(ids.to(self.text_encoder.device))[0]
             self._embeddings.update(zip(missing, out.to(self.device, self.dtype)))
         return torch.stack([self._embeddings[p] for p in prompts])
 
@@ -150,7 +156,9 @@ class StableDiffusionTeacher(Teacher):
     def loss(self, renders, prompts, step, generator=None):
         cfg = self.config
         views = renders.cameras.views_per_prompt
-        chosen = torch.randint(0, views, (len(prompts),), generator=generator) + torch.arange(len(prompts)) * views
+        chosen = renders.sd_views.cpu() if renders.sd_views is not None else \
+            torch.randint(0, views, (len(prompts),), generator=generator)
+        chosen = chosen + torch.arange(len(prompts)) * views
         images = F.interpolate(renders.rgb[chosen.to(renders.rgb.device)], (cfg.image_size, cfg.image_size),
                                mode="bilinear", align_corners=False)
         posterior = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist

@@ -2,8 +2,10 @@
 
 Per ray (the authors' settings, ``VolumeConfig``): ``coarse_samples`` stratified samples in
 [near, far] and ``fine_samples`` more drawn by importance from the coarse weights (both without
-gradients); then, on every interval between consecutive samples, NeuS's opacity with a fixed
-sharpness s (inv_s = 100)::
+gradients; the coarse pass's opacity is the authors' ``proposal_opacity``, with their fixed step
+1.732·2/64 ≈ 0.054); both sets are rendered, sorted together, as threestudio's estimator returns
+them (estimators.py:95-96); then, on every interval between consecutive samples, NeuS's opacity with
+a fixed sharpness s (inv_s = 100)::
 
     c = -relu(-d·n),  f± = f ± c·Δ/2,  α = clip((Φ(s f₋) − Φ(s f₊) + 1e-5) / (Φ(s f₋) + 1e-5), 0, 1)
 
@@ -54,6 +56,17 @@ def neus_alpha(sdf: torch.Tensor, cos: torch.Tensor, delta: torch.Tensor, inv_s:
     return ((prev - nxt + 1e-5) / (prev + 1e-5)).clamp(0.0, 1.0)
 
 
+def proposal_opacity(sdf: torch.Tensor, width: float | torch.Tensor, step: float, inv_s: float) -> torch.Tensor:
+    """Opacities [..., K] of the proposal pass's intervals, as the authors' importance estimator:
+    NeuS' α of the SDF at the interval's middle with a fixed step and no normal
+    (generative_space_sdf_volume_renderer.py:289-297: ``sdf ± render_step_size / 2``), made a density
+    α / step, which nerfacc integrates over the interval's own length ``width``
+    (threestudio/models/estimators.py:84-88): 1 − exp(−α · width / step)."""
+    prev, nxt = torch.sigmoid((sdf + step / 2) * inv_s), torch.sigmoid((sdf - step / 2) * inv_s)
+    alpha = ((prev - nxt + 1e-5) / (prev + 1e-5)).clamp(0, 1)
+    return 1 - torch.exp(-alpha / step * width)
+
+
 def composite(alpha: torch.Tensor) -> torch.Tensor:
     """Weights wᵢ = αᵢ Πⱼ<ᵢ (1 − αⱼ) along the last axis."""
     transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1] + 1e-10], -1), -1)
@@ -82,9 +95,8 @@ class NeuSRenderer:
             with torch.no_grad():
                 points = origins[:, :, None] + directions[:, :, None] * coarse[..., None]
                 sdf = fields.sdf(triplane, points.reshape(b, -1, 3)).reshape(b, r, -1)
-                # the proposal's opacity uses the fixed step and no normal, as the authors' estimator
-                prev, nxt = torch.sigmoid((sdf + width / 2) * cfg.inv_s), torch.sigmoid((sdf - width / 2) * cfg.inv_s)
-                weights = composite(((prev - nxt + 1e-5) / (prev + 1e-5)).clamp(0, 1)) + 1e-5
+                # the proposal's opacity uses the authors' fixed step and no normal
+                weights = composite(proposal_opacity(sdf, width, cfg.proposal_step_size, cfg.inv_s)) + 1e-5
                 cdf = torch.cumsum(weights / weights.sum(-1, keepdim=True), -1)
                 u = (torch.arange(cfg.fine_samples, device=device) + torch.rand(
                     (b, r, cfg.fine_samples), generator=generator).to(device)) / cfg.fine_samples
