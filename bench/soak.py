@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Long runs of the app: one live ``python app.py --tiny`` server, N requests in a row through gradio_client.
 
-The mix, by request number i: fresh generations with distinct seeds (vertex colours, every fifth a
-UV texture), every tenth a repeat of an earlier one (stored, or made again once evicted), every
-25th a variants call and, three requests later, one of those variants opened (a stored result:
-what a click on a variant or a history entry gives; those clicks are private events, not in the
-API, so ``/generate`` with the entry's settings stands for them), and two bad inputs in every 50
-(an empty prompt, a negative seed). Every ``--every`` requests it samples the server process (and
-its children): RSS, threads, open files and descriptors; the output folder's bytes; the files in
-the server's own temporary folders (TMPDIR, GRADIO_TEMP_DIR) and its current directory; new
-entries directly under /tmp. RSS growth is the straight-line fit after ``--warmup`` requests.
+The mix, by request number i (``plan``): fresh generations with distinct seeds (vertex colours,
+every fifth a UV texture), every tenth a repeat of a recent one (stored) or now and then of one long
+evicted (made again), every 25th a variants call and, three requests later, one of those variants
+opened (a stored result: what a click on a variant or a history entry asks for; those clicks are
+private events, not in the API, so ``/generate`` with the entry's settings stands for them), two
+bad inputs in every 50 (an empty prompt, a negative seed), and a new session (visitor) every
+``--session-every`` requests. Every ``--every`` requests it samples the server process and its
+children: RSS, threads, open files and descriptors; the output folder's bytes; the files in the
+server's own temporary folder (its TMPDIR, with GRADIO_TEMP_DIR inside) and current directory; new
+names directly under /tmp (other processes' too, on a shared machine). RSS growth is the
+least-squares slope after ``--warmup`` requests. The client's own temporary files go to a folder of
+its own (gradio_client leaves an empty folder there per downloaded file).
 
-    python bench/soak.py --requests 1000 --json bench/results/soak-….json --record BENCHMARKS.md
-    python bench/soak.py --requests 200 --count-objects 20   # + the server's object counts (gc), top growth
+    python bench/soak.py --requests 1000 --shared --json bench/results/soak-….json --record BENCHMARKS.md
+    python bench/soak.py --requests 200 --count-objects 50   # + the server's live objects by type (gc)
     python bench/soak.py --from-json RESULT.json --record BENCHMARKS.md
 """
 
@@ -41,10 +44,11 @@ SECTION = "## Long runs (soak)"
 TABLE = """| date | commit | machine | requests (made, stored, variants, bad) | RSS after warm-up → end (MB) | RSS growth (MB per 1,000 requests, fit) | threads | open files | output folder max / bound (MB) | written outside | note |
 |---|---|---|---|---|---|---|---|---|---|---|
 """
-INTRO = ("Measured by `bench/soak.py`: one `python app.py --tiny` server (CPU, `OMP_NUM_THREADS=1`), requests in a "
-         "row through gradio_client at mesh resolution 128 (vertex colours; every fifth a 128² UV texture). RSS is the "
-         "server's with its children; the growth is the least-squares slope after the warm-up. \"Written outside\": "
-         "files left in the server's TMPDIR, GRADIO_TEMP_DIR and current directory at the end.")
+INTRO = ("Measured by `bench/soak.py`: one `python app.py --tiny` server (CPU, `OMP_NUM_THREADS=1`, a 50 MB "
+         "output bound), requests in a row through gradio_client at mesh resolution 128 (vertex colours; every fifth "
+         "a 128² UV texture), a new session every ten. RSS is the server's with its children; the growth is the "
+         "least-squares slope after the warm-up. \"Written outside\": files in the server's TMPDIR (with "
+         "GRADIO_TEMP_DIR) and current directory at the end.")
 PROMPTS = ["a wooden chair", "a red sports car", "a teapot", "a corgi taking a selfie", "a steam engine train",
            "a humanoid robot playing the cello", "a table with dim sum on it", "a frog wearing a sweater"]
 #: Runs the app with a SIGUSR1 handler that writes the live objects' counts by type (and, with
@@ -61,6 +65,19 @@ def dump(*_):
         import tracemalloc
         stats = tracemalloc.take_snapshot().statistics("traceback")[:15]
         out["top"] = [[s.size, s.count, [str(f) for f in s.traceback[-6:]]] for s in stats]
+    if os.environ.get("SOAK_REFERRERS"):  # who holds the newest object of this type (type name)
+        objs = [o for o in gc.get_objects() if type(o).__qualname__ == os.environ["SOAK_REFERRERS"]]
+        chain, seen, obj = [], {id(objs)}, objs[-1] if objs else None
+        for _ in range(8 if objs else 0):
+            holders = [r for r in gc.get_referrers(obj) if id(r) not in seen and type(r).__name__ != "frame"]
+            seen.add(id(holders))
+            if not holders:
+                break
+            obj = holders[0]
+            seen.add(id(obj))
+            keys = list(obj)[:8] if isinstance(obj, dict) else ""
+            chain.append(f"{type(obj).__module__}.{type(obj).__qualname__} {str(keys)[:300]}")
+        out["referrers"] = chain
     path = os.environ["SOAK_COUNTS"]
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
@@ -111,16 +128,17 @@ def start_server(root: Path, max_bytes: int, texture_size: int, extra_env: dict,
     return proc, f"http://127.0.0.1:{port}/", folders, log
 
 
-def sample(server, folders: dict, tmp_before: set, exclude: set) -> dict:
-    """The server's resources now."""
+def sample(server, folders: dict, tmp_before: set | None = None, exclude: set = frozenset()) -> dict:
+    """The server's resources now (``server``: a psutil.Process; ``folders``: its "outputs", its current
+    directory "cwd" and its temporary folder "server-tmp"; ``tmp_before``: /tmp's names at the start)."""
     procs = [server, *server.children(recursive=True)]
     outside = files_under(folders["cwd"], folders["server-tmp"])
-    new_tmp = sorted(set(os.listdir("/tmp")) - tmp_before - exclude)
+    new_tmp = sorted(set(os.listdir("/tmp")) - tmp_before - exclude) if tmp_before is not None else []
     return dict(rss_mb=sum(p.memory_info().rss for p in procs) / 2**20, threads=sum(p.num_threads() for p in procs),
                 open_files=sum(len(p.open_files()) for p in procs), fds=sum(p.num_fds() for p in procs),
                 connections=len(server.net_connections()), folder_bytes=folder_bytes(folders["outputs"]),
                 outside_files=len(outside), outside_bytes=sum(p.stat().st_size for p in outside),
-                outside_names=[str(p.relative_to(folders["cwd"].parent)) for p in outside[:10]], new_tmp=new_tmp[:10])
+                outside_names=sorted(str(p) for p in outside)[:50], new_tmp=new_tmp[:10])
 
 
 def object_counts(server, path: Path, timeout: float = 120) -> dict:
@@ -139,7 +157,7 @@ def growth(before: dict, after: dict, top: int = 15) -> list[tuple[str, int]]:
 
 
 def plan(i: int) -> str:
-    """The kind of request number ``i``."""
+    """The kind of request number ``i`` (from 1)."""
     if i % 25 == 24:
         return "variants"
     if i % 25 == 2 and i > 25:
@@ -153,8 +171,63 @@ def plan(i: int) -> str:
     return "fresh"
 
 
-def run(args) -> dict:
+class Requests:
+    """Sends request number i of the mix (``plan``) through a gradio_client ``Client``; counts the kinds,
+    the answers from the store and the unexpected failures (a bad input accepted, a good one refused)."""
+
+    def __init__(self, client, session_every: int = 10):
+        self.client, self.session_every = client, session_every
+        self.made: list[dict] = []  # settings of the fresh generations that succeeded
+        self.variant_seeds: list[int] = []
+        self.kinds: dict[str, int] = {}
+        self.failures: list[str] = []
+        self.stored = 0
+
+    def send(self, i: int) -> None:
+        if self.session_every and i % self.session_every == 0:
+            self.client.reset_session()  # a new visitor: Gradio keeps state per session
+        kind = plan(i) if (self.made or plan(i) != "repeat") and (self.variant_seeds or plan(i) != "open-variant") \
+            else "fresh"
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        settings = dict(prompt=PROMPTS[i % len(PROMPTS)], seed=1000 + i, randomize_seed=False, mesh_resolution=128,
+                        remove_floaters=False, simplify=False, target_faces=20000,
+                        texture="uv" if i % 5 == 0 else "vertex")
+        if kind == "repeat":  # a recent one (stored), or now and then one long evicted (made again)
+            settings = self.made[-1 - i % 8 if i % 50 != 19 else i % 7 % len(self.made)]
+        elif kind == "open-variant":  # what a click on a variant (or a history entry) asks for
+            settings = {**settings, "prompt": PROMPTS[0], "seed": self.variant_seeds[-1], "texture": "uv"}
+        elif kind == "bad-prompt":
+            settings["prompt"] = " "
+        elif kind == "bad-seed":
+            settings["seed"] = -5
+        try:
+            if kind == "variants":
+                seed = 100_000 + 8 * i
+                self.client.predict(prompt=PROMPTS[0], seed=seed, count=2, mesh_resolution=128, api_name="/variants")
+                self.variant_seeds = [seed, seed + 1]
+            else:
+                outputs = self.client.predict(**settings, api_name="/generate")
+                self.stored += bool(outputs[1].get("cached"))
+                if kind == "fresh":
+                    self.made.append(settings)
+            if kind.startswith("bad"):
+                self.failures.append(f"{i} {kind}: accepted")
+        except Exception as exc:  # noqa: BLE001 -- the bad inputs' answers; anything else is reported
+            if not kind.startswith("bad"):
+                self.failures.append(f"{i} {kind}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def rss_growth(samples: list[dict], warmup: int) -> float:
+    """MB per 1,000 requests: the least-squares slope of RSS over the samples from request ``warmup`` on."""
     import numpy as np
+
+    later = [s for s in samples if s["request"] >= warmup]
+    if len(later) < 3:
+        return float("nan")
+    return float(np.polyfit([s["request"] for s in later], [s["rss_mb"] for s in later], 1)[0] * 1000)
+
+
+def run(args) -> dict:
     import psutil
 
     root = Path(tempfile.mkdtemp(prefix="triplane-soak-", dir=args.workdir))
@@ -169,70 +242,40 @@ def run(args) -> dict:
     proc, url, folders, log = start_server(root, args.max_bytes, args.texture_size, extra_env, args.count_objects > 0)
     server = psutil.Process(proc.pid)
     downloads = root / "downloads"
-    client = Client(url, verbose=False, download_files=str(downloads), ssl_verify=False)
-    exclude = {root.name}
-    made: list[dict] = []  # settings of the generations that succeeded
-    last_variants: list[int] = []
-    samples, counts, kinds, failures, stored = [], [], {}, [], 0
+    requests = Requests(Client(url, verbose=False, download_files=str(downloads), ssl_verify=False),
+                        args.session_every)
+    samples, counts = [], []
     started = time.perf_counter()
     try:
-        samples.append(dict(request=0, **sample(server, folders, tmp_before, exclude)))
+        samples.append(dict(request=0, **sample(server, folders, tmp_before, {root.name})))
         if args.count_objects:
             counts.append(dict(request=0, **object_counts(server, root / "counts.json")))
         for i in range(1, args.requests + 1):
-            kind = plan(i)
-            kinds[kind] = kinds.get(kind, 0) + 1
-            settings = dict(prompt=PROMPTS[i % len(PROMPTS)], seed=1000 + i, randomize_seed=False,
-                            mesh_resolution=128, remove_floaters=False, simplify=False, target_faces=20000,
-                            texture="uv" if i % 5 == 0 else "vertex")
-            if kind == "repeat":
-                settings = made[(i * 7919) % len(made)]
-            elif kind == "open-variant":
-                settings = {**settings, "prompt": PROMPTS[0], "seed": last_variants[-1], "texture": "vertex"}
-            elif kind == "bad-prompt":
-                settings["prompt"] = " "
-            elif kind == "bad-seed":
-                settings["seed"] = -5
-            try:
-                if kind == "variants":
-                    seed = 100_000 + 8 * i
-                    client.predict(prompt=PROMPTS[0], seed=seed, count=2, mesh_resolution=128, api_name="/variants")
-                    last_variants = [seed, seed + 1]
-                else:
-                    outputs = client.predict(**settings, api_name="/generate")
-                    stored += bool(outputs[1].get("cached"))
-                    if kind == "fresh":
-                        made.append(settings)
-                if kind.startswith("bad"):
-                    failures.append(f"{i} {kind}: accepted")
-            except Exception as exc:  # noqa: BLE001 -- the bad inputs' answers; anything else is reported
-                if not kind.startswith("bad"):
-                    failures.append(f"{i} {kind}: {type(exc).__name__}: {str(exc)[:200]}")
+            requests.send(i)
             if i % args.every == 0 or i == args.requests:
                 shutil.rmtree(downloads, ignore_errors=True)
                 samples.append(dict(request=i, seconds=round(time.perf_counter() - started, 1),
-                                    **sample(server, folders, tmp_before, exclude)))
+                                    **sample(server, folders, tmp_before, {root.name})))
                 print(json.dumps({k: v for k, v in samples[-1].items() if k not in ("outside_names", "new_tmp")}),
                       file=sys.stderr, flush=True)
             if args.count_objects and (i % args.count_objects == 0 or i == args.requests):
                 counts.append(dict(request=i, **object_counts(server, root / "counts.json")))
-                print(f"objects {i}: {growth(counts[0]['types'], counts[-1]['types'])}", file=sys.stderr, flush=True)
+                print(f"objects {i}:", growth(counts[0]["types"], counts[-1]["types"]),
+                      counts[-1].get("referrers", ""), file=sys.stderr, flush=True)
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    seconds = time.perf_counter() - started
-    later = [s for s in samples if s["request"] >= args.warmup]
-    x, rss = np.array([s["request"] for s in later], float), np.array([s["rss_mb"] for s in later])
-    slope = float(np.polyfit(x, rss, 1)[0] * 1000) if len(later) >= 3 else float("nan")
+    later = [s for s in samples if s["request"] >= args.warmup] or samples
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
                   machine=machine("cpu"), shared=args.shared, note=args.note, requests=args.requests,
-                  kinds=kinds, stored_answers=stored, failures=failures, seconds=round(seconds, 1),
-                  load_average=os.getloadavg(), warmup=args.warmup, env=extra_env, texture_size=args.texture_size,
-                  max_bytes=args.max_bytes, rss_warm_mb=float(rss[0]) if len(rss) else None,
-                  rss_end_mb=samples[-1]["rss_mb"], rss_growth_mb_per_1000=slope,
+                  kinds=requests.kinds, stored_answers=requests.stored, failures=requests.failures,
+                  seconds=round(time.perf_counter() - started, 1), load_average=os.getloadavg(), warmup=args.warmup,
+                  session_every=args.session_every, env=extra_env, texture_size=args.texture_size,
+                  max_bytes=args.max_bytes, rss_warm_mb=later[0]["rss_mb"], rss_end_mb=samples[-1]["rss_mb"],
+                  rss_growth_mb_per_1000=rss_growth(samples, args.warmup),
                   threads=[min(s["threads"] for s in later), max(s["threads"] for s in later)],
                   open_files=[min(s["open_files"] for s in later), max(s["open_files"] for s in later)],
                   fds=[min(s["fds"] for s in later), max(s["fds"] for s in later)],
@@ -270,6 +313,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/soak.py", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100, help="requests before the RSS fit starts")
+    parser.add_argument("--session-every", type=int, default=10,
+                        help="a new session (visitor) every this many requests; 0: one session throughout")
     parser.add_argument("--every", type=int, default=10, help="sample the server every this many requests")
     parser.add_argument("--max-bytes", type=int, default=50_000_000, help="the output folder's bound")
     parser.add_argument("--texture-size", type=int, default=128)
@@ -280,7 +325,7 @@ def main(argv=None) -> int:
                              "--env adds the top allocation sites")
     parser.add_argument("--workdir", help="where the server's folders go (default: the system's temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the server's folders and log")
-    parser.add_argument("--shared", action="store_true", help="the machine runs other jobs meanwhile (noted in the row)")
+    parser.add_argument("--shared", action="store_true", help="other jobs run meanwhile (noted in the row)")
     parser.add_argument("--note", default="")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path, help="record a result written earlier")
