@@ -54,13 +54,23 @@ PROMPTS = ["a wooden chair", "a red sports car", "a teapot", "a corgi taking a s
 #: Runs the app with a SIGUSR1 handler that writes the live objects' counts by type (and, with
 #: SOAK_TRACEMALLOC=1, the top allocation sites) to $SOAK_COUNTS: for finding what grows.
 COUNTING_SERVER = r"""
-import collections, gc, json, os, runpy, signal, sys
+import collections, ctypes, gc, json, os, runpy, signal, sys
 if os.environ.get("SOAK_TRACEMALLOC") == "1":
     import tracemalloc; tracemalloc.start(8)
 def dump(*_):
     gc.collect()
     counts = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
-    out = {"types": dict(counts)}
+    out = {"types": dict(counts), "python_blocks": sys.getallocatedblocks()}
+    try:  # glibc's view of its heaps: in use, free but kept, mmapped
+        class Info(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+        info = libc.mallinfo2()
+        out["malloc_mb"] = {"in_use": info.uordblks / 2**20, "free_kept": info.fordblks / 2**20,
+                            "mmapped": info.hblkhd / 2**20}
+    except (OSError, AttributeError):
+        pass
     if os.environ.get("SOAK_TRACEMALLOC") == "1":
         import tracemalloc
         stats = tracemalloc.take_snapshot().statistics("traceback")[:15]
@@ -260,8 +270,9 @@ def run(args) -> dict:
                       file=sys.stderr, flush=True)
             if args.count_objects and (i % args.count_objects == 0 or i == args.requests):
                 counts.append(dict(request=i, **object_counts(server, root / "counts.json")))
-                print(f"objects {i}:", growth(counts[0]["types"], counts[-1]["types"]),
-                      counts[-1].get("referrers", ""), file=sys.stderr, flush=True)
+                print(f"objects {i}:", growth(counts[0]["types"], counts[-1]["types"]), counts[-1].get("referrers", ""),
+                      "python blocks", counts[-1]["python_blocks"], "malloc", counts[-1].get("malloc_mb"),
+                      file=sys.stderr, flush=True)
     finally:
         proc.terminate()
         try:
@@ -285,6 +296,8 @@ def run(args) -> dict:
     if counts:
         result["object_growth"] = growth(counts[1 if len(counts) > 2 else 0]["types"], counts[-1]["types"], 40)
         result["tracemalloc_top"] = counts[-1].get("top")
+        result["heap"] = [dict(request=c["request"], python_blocks=c["python_blocks"], malloc_mb=c.get("malloc_mb"))
+                          for c in counts]
     if args.keep:
         print(f"kept {root}", file=sys.stderr)
     else:
