@@ -29,6 +29,11 @@ CODE_URL = "https://github.com/theEricMa/TriplaneTurbo"
 REPO_URL = os.environ.get("TRIPLANE_TURBO_REPO_URL", "")  # this project's public page, once it has one
 TINY_BANNER = ("**Offline demo on a tiny random model:** the shapes are meaningless blobs. "
                "Use it to try the interface; run `python app.py` for the real TriplaneTurbo weights.")
+#: Visitors' sessions whose state Gradio keeps (least recently active dropped first). Each costs about
+#: 340 kB (its copy of the page's configuration; measured with tracemalloc), so Gradio's default of
+#: 10,000 would let a public Space grow by 3.4 GB. A session's state (the last result, the variants'
+#: list) only serves clicks during a visit; a dropped one answers such a click with a clear message.
+SESSION_CAPACITY = 256
 #: Browser history: localStorage key; the "secret" only obfuscates (Gradio publishes it in the page config).
 HISTORY_STORAGE = dict(storage_key="triplane-turbo-history-v1", secret="triplane-turbo-history")
 
@@ -142,7 +147,8 @@ def launch_kwargs() -> dict:
     return dict(ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
                 css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
-                max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
+                max_threads=64,  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
+                state_session_capacity=SESSION_CAPACITY)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
