@@ -20,6 +20,7 @@ import gradio as gr
 
 from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoader, OutputFolderError, ResultStore,
                                 gpu_seconds, make_loader, pick_device, speed_note)
+from triplane_turbo.web.memory import freeze_startup_objects
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
                                          MAX_VARIANTS, RESOLUTIONS, TEXTURES, texture_label)
 
@@ -198,6 +199,7 @@ def main(argv=None) -> None:
     demo = build_demo(loader, args.output_dir, tiny=args.tiny, max_bytes=args.max_output_gb * 1e9,
                       max_age_s=args.max_output_age_hours * 3600, bake_fields=bake_fields, max_queue=args.max_queue,
                       texture_size=args.texture_size)
+    freeze_startup_objects()  # cheap garbage collections after each generation (web/memory.py)
     demo.launch(share=args.share, **launch_kwargs())
 
 
