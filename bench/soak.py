@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from bench.tables import add_rows, commit, machine  # noqa: E402
 
 SECTION = "## Long runs (soak)"
-TABLE = """| date | commit | machine | requests (made, stored, variants, bad) | RSS after warm-up → end (MB) | RSS growth (MB per 1,000 requests, fit) | threads | open files | output folder max / bound (MB) | written outside | note |
+TABLE = """| date | commit | machine | requests (fresh, answered from the store, variants, bad) | RSS from the warm-up's end → end (MB) | RSS growth (MB per 1,000 requests, fit) | threads | open files | output folder max / bound (MB) | written outside | note |
 |---|---|---|---|---|---|---|---|---|---|---|
 """
 INTRO = ("Measured by `bench/soak.py`: one `python app.py --tiny` server (CPU, `OMP_NUM_THREADS=1`, a 50 MB "
@@ -254,7 +254,7 @@ def run(args) -> dict:
     downloads = root / "downloads"
     requests = Requests(Client(url, verbose=False, download_files=str(downloads), ssl_verify=False),
                         args.session_every)
-    samples, counts = [], []
+    samples, counts, measured_commit = [], [], commit()  # the code measured, whatever is committed meanwhile
     started = time.perf_counter()
     try:
         samples.append(dict(request=0, **sample(server, folders, tmp_before, {root.name})))
@@ -280,7 +280,7 @@ def run(args) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
     later = [s for s in samples if s["request"] >= args.warmup] or samples
-    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit(),
+    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=measured_commit,
                   machine=machine("cpu"), shared=args.shared, note=args.note, requests=args.requests,
                   kinds=requests.kinds, stored_answers=requests.stored, failures=requests.failures,
                   seconds=round(time.perf_counter() - started, 1), load_average=os.getloadavg(), warmup=args.warmup,
@@ -315,7 +315,7 @@ def record(path: Path, result: dict) -> None:
                                    f"{len(result['failures'])} unexpected failures" if result["failures"] else "",
                                    result.get("note") or ""]))
     row = [result["date"][:10], result["commit"] or "–", result["machine"], mix,
-           f"{result['rss_warm_mb']:.0f} → {result['rss_end_mb']:.0f}", f"{result['rss_growth_mb_per_1000']:+.0f}",
+           f"{result['rss_warm_mb']:.0f} (request {result['warmup']}) → {result['rss_end_mb']:.0f}", f"{result['rss_growth_mb_per_1000']:+.0f}",
            "{}–{}".format(*result["threads"]), "{}–{}".format(*result["open_files"]),
            f"{result['folder_max_bytes'] / 1e6:.1f} / {result['max_bytes'] / 1e6:.0f}",
            f"{result['outside_end']} files", note or "–"]
