@@ -25,6 +25,7 @@ from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoa
                                 gpu_seconds, make_loader, pick_device, speed_note)
 from triplane_turbo.web.admission import trust_space_proxy
 from triplane_turbo.web.downloads import LinkDownloadButton, download_routes
+from triplane_turbo.web.memory import freeze_startup_objects
 from triplane_turbo.web.meshsource import ARCHIVED
 from triplane_turbo.web.store import DOWNLOADS
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
@@ -37,6 +38,11 @@ CODE_URL = "https://github.com/theEricMa/TriplaneTurbo"
 REPO_URL = os.environ.get("TRIPLANE_TURBO_REPO_URL", "")  # this project's public page, once it has one
 TINY_BANNER = ("**Offline demo on a tiny random model:** the shapes are meaningless blobs. "
                "Use it to try the interface; run `python app.py` for the real TriplaneTurbo weights.")
+#: Visitors' sessions whose state Gradio keeps (least recently active dropped first). Each costs about
+#: 340 kB (its copy of the page's configuration; measured with tracemalloc), so Gradio's default of
+#: 10,000 would let a public Space grow by 3.4 GB. A session's state (the last result, the variants'
+#: list) only serves clicks during a visit; a dropped one answers such a click with a clear message.
+SESSION_CAPACITY = 256
 #: Browser history: localStorage key; the "secret" only obfuscates (Gradio publishes it in the page config).
 HISTORY_STORAGE = dict(storage_key="triplane-turbo-history-v1", secret="triplane-turbo-history")
 
@@ -155,7 +161,8 @@ def launch_kwargs(demo: gr.Blocks | None = None, mcp: bool = True) -> dict:
                 ssr_mode=False, theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                       font_mono=["ui-monospace", "monospace"]),
                 mcp_server=mcp, css_paths=[ASSETS / "style.css"], footer_links=["api", "gradio", "settings"],
-                max_threads=64)  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
+                max_threads=64,  # quick handlers (lookups, validators, history) for a crowd; the GPU runs one
+                state_session_capacity=SESSION_CAPACITY)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -218,6 +225,7 @@ def main(argv=None) -> None:
     if trust_space_proxy():  # before launch(): uvicorn reads it then
         logging.getLogger("triplane_turbo.app").info("on a Space: client addresses from X-Forwarded-For of %s",
                                                      os.environ["FORWARDED_ALLOW_IPS"])
+    freeze_startup_objects()  # cheap garbage collections after each generation (web/memory.py)
     demo.launch(share=args.share, prevent_thread_lock=True, **launch_kwargs(demo, mcp=args.mcp))
     offer_tools(demo)
     demo.block_thread()

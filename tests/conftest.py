@@ -120,6 +120,7 @@ class AppServer:
     max_bytes: int
     texture_size: int = APP_TEXTURE_SIZE
     gates: dict = field(default_factory=dict)  # slow_app: what release() lets go on (threading.Event)
+    pid: int | None = None  # the server's process (app_server; slow_app serves from the test's own)
 
 
 def free_port() -> int:
@@ -163,7 +164,8 @@ def running_app(root: Path, command: list[str], ready: tuple[str, ...], extra_en
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the app did not start (exit code {proc.poll()}):\n{text[-4000:]}")
             time.sleep(0.1)
-        yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES)
+        yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES,
+                        pid=proc.pid)
     finally:
         proc.terminate()
         try:

@@ -28,6 +28,7 @@ import torch
 from ..mesher import TriplaneMesher
 from ..pipeline import PromptTruncatedWarning
 from ..preview import render_preview
+from .memory import release_free_memory
 from .models import ModelLoader
 from .settings import DEFAULT_TEXTURE_SIZE, FLOATER_FRACTION, Settings
 from .store import DISK_FULL, Entry, ResultStore
@@ -166,8 +167,11 @@ class GenerationService:
             else:
                 missing.append(i)
         if missing:
-            yield from self._make([batch[i] for i in missing], [keys[i] for i in missing], missing, progress,
-                                  fail_on_empty=fail_on_empty, first_look=first_look)
+            try:
+                yield from self._make([batch[i] for i in missing], [keys[i] for i in missing], missing, progress,
+                                      fail_on_empty=fail_on_empty, first_look=first_look)
+            finally:  # what the generation freed goes back to the system (see memory.py)
+                release_free_memory()
 
     def _make(self, batch: list[Settings], keys: list[str], indices: list[int], progress: Progress, *,
               fail_on_empty: bool, first_look: bool) -> Iterator[FirstLook | Stored | NoSurface]:
