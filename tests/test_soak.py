@@ -10,7 +10,10 @@ is checked on its own below.
 from __future__ import annotations
 
 import gc
+import os
 import platform
+import subprocess
+import sys
 import statistics
 import weakref
 
@@ -83,6 +86,37 @@ def test_a_session_keeps_its_size_however_many_meshes_it_makes(tmp_path_factory)
             assert details["cached"] is False  # made, with a first look before its texture
             kept.append(len(server.demo.state_holder.session_data[client.session_hash].blocks_config.blocks))
         assert kept == [page_blocks] * 2
+
+
+LARGE_BLOCK_PROBE = """
+import ctypes, importlib.util, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("memory", sys.argv[2])  # alone: no torch to import
+memory = importlib.util.module_from_spec(spec); spec.loader.exec_module(memory)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Info
+if sys.argv[1] == "kept-out":
+    assert memory.keep_large_arrays_out_of_the_heap()
+big = np.ones(8 << 20, np.uint8); del big  # glibc's own rule: the bar rises to 8 MB with this free
+mapped = mallinfo2().hblkhd
+array = np.ones(2 << 20, np.uint8)  # 2 MB: from the heap, or a mapping of its own
+print(mallinfo2().hblkhd - mapped)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+def test_large_arrays_get_pages_of_their_own_that_go_back_when_freed():
+    """The app keeps glibc's mmap threshold fixed (web/memory.py): a 2 MB array freed after an 8 MB one
+    still gets a mapping of its own (returned to the system when freed), where by glibc's default it
+    comes from the heap, whose freed pages stay with the process and fragment."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    module = REPO / "triplane_turbo" / "web" / "memory.py"
+    mapped = {how: int(subprocess.run([sys.executable, "-c", LARGE_BLOCK_PROBE, how, module], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for how in ("default", "kept-out")}
+    assert mapped["default"] == 0 and mapped["kept-out"] >= 2 << 20, mapped
 
 
 class _Cycle:
