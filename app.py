@@ -24,7 +24,7 @@ from triplane_turbo.web import (GPU_GROUP, GenerationService, Handlers, ModelLoa
                                 gpu_seconds, make_loader, pick_device, speed_note)
 from triplane_turbo.web.admission import trust_space_proxy
 from triplane_turbo.web.downloads import LinkDownloadButton, download_routes
-from triplane_turbo.web.memory import freeze_startup_objects
+from triplane_turbo.web.memory import freeze_startup_objects, keep_large_arrays_out_of_the_heap
 from triplane_turbo.web.meshsource import ARCHIVED
 from triplane_turbo.web.options import parse_args
 from triplane_turbo.web.settings import (DEFAULT_FACES, DEFAULT_RESOLUTION, DEFAULT_TEXTURE_SIZE, EXAMPLE_SEED,
@@ -167,6 +167,7 @@ def launch_kwargs(demo: gr.Blocks | None = None, mcp: bool = True) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_large_arrays_out_of_the_heap()  # before the model's arrays: RSS flat over weeks (web/memory.py)
     zero_gpu = on_zero_gpu()
     device = pick_device(args.device, zero_gpu)
     if device.startswith("cuda") and not zero_gpu:

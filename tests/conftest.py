@@ -36,8 +36,10 @@ FIXTURE_A = FIXTURES / "fixture_a"
 #: longest first. pytest-xdist hands whole modules out in collection order (``--dist loadscope
 #: --no-loadscope-reorder``, in pyproject.toml); its default, most tests first, left the browser
 #: module to start last and one worker idle for 40-50 s at the end.
-#: test_install.py first: its first run installs 5 GB (10 to 30 min), a later one takes about 70 s.
-LONGEST_MODULES = ("test_install.py", "test_browser.py", "test_training.py", "test_app.py", "test_batch.py",
+#: test_soak.py first: its hundred requests in a row (one server of its own) are the longest test;
+#: started last, the other worker sat idle for 95 s at the end. Then test_install.py: its first run
+#: installs 5 GB (10 to 30 min), a later one takes 25-35 s.
+LONGEST_MODULES = ("test_soak.py", "test_install.py", "test_browser.py", "test_training.py", "test_app.py", "test_batch.py",
                    "test_cli.py", "test_parity.py", "test_bench.py", "test_evaluate.py", "test_pipeline.py")
 
 
@@ -121,6 +123,7 @@ class AppServer:
     texture_size: int = APP_TEXTURE_SIZE
     gates: dict = field(default_factory=dict)  # slow_app: what release() lets go on (threading.Event)
     pid: int | None = None  # the server's process (app_server; slow_app serves from the test's own)
+    demo: object = None  # slow_app: the served gr.Blocks (its session state can be looked at)
 
 
 def free_port() -> int:
@@ -245,7 +248,7 @@ def slow_app(tmp_path_factory, name: str, fail: str = "", hold_load: bool = True
             demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                         **app.launch_kwargs(demo))
             yield AppServer(f"http://127.0.0.1:{port}/", output_dir, workdir, tmpdir, log, APP_OUTPUT_MAX_BYTES,
-                            gates=gates)
+                            gates=gates, demo=demo)
         finally:
             for gate in gates.values():  # nothing left waiting
                 gate.set()

@@ -16,18 +16,39 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 from functools import cache
 
 
+#: Allocations of at least this many bytes get pages of their own (mmap), returned to the system the
+#: moment they are freed. glibc starts at this value but raises it to the size of each such block
+#: freed, up to 32 MB, so a generation's large arrays soon come from the heap and fragment it; a
+#: fixed threshold (what MALLOC_MMAP_THRESHOLD_ sets) turns that adjustment off.
+LARGE_ALLOCATION_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
 @cache
-def _malloc_trim():
+def _glibc(name: str):
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc; musl and others have no such call
+        return getattr(ctypes.CDLL("libc.so.6"), name)  # glibc; musl and others have no such calls
     except (OSError, AttributeError):
         return None
+
+
+def keep_large_arrays_out_of_the_heap(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
+    """Makes every later allocation of ``threshold`` bytes or more a mapping of its own, freed back to
+    the system at once. Measured with ``bench/soak.py`` (BENCHMARKS.md, "Long runs"): RSS then stays
+    within a few MB from one request to the next instead of scattering by ±30 MB and creeping up.
+    Call at start-up; an operator's own MALLOC_MMAP_THRESHOLD_ is left as set. Returns False where
+    the C library has no such setting (or the operator set it)."""
+    mallopt = _glibc("mallopt")
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def freeze_startup_objects() -> None:
@@ -45,11 +66,11 @@ def release_free_memory() -> bool:
     the young generations: a full one over the whole heap would take seconds). Returns False where
     the C library has no such call."""
     gc.collect(2 if gc.get_freeze_count() else 1)
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is None:
         return False
     trim(0)
     return True
 
 
-__all__ = ["freeze_startup_objects", "release_free_memory"]
+__all__ = ["LARGE_ALLOCATION_BYTES", "freeze_startup_objects", "keep_large_arrays_out_of_the_heap", "release_free_memory"]
