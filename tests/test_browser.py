@@ -342,6 +342,10 @@ def test_examples_are_stored_results_like_any_other(app_server, page):
     page.get_by_text(example, exact=True).click()
     page.wait_for_function("(p) => document.querySelector('#prompt textarea, #prompt input').value === p", arg=example)
     wait_for_result(page, seed=0)
+    # the link and viewer were this result's already: the second answer is the one from the store
+    from playwright.sync_api import expect
+
+    expect(page.locator("#details")).to_contain_text(re.compile(r'"cached"\s*:\s*true'))
     assert sorted(p.name for p in (app_server.output_dir / "records").iterdir()) == records  # nothing made again
     assert not (app_server.output_dir / "examples").exists() and not list(app_server.workdir.iterdir())
 
