@@ -58,12 +58,19 @@ def page(browser):
     context.close()
 
 
+#: The viewer's GLB once a result is stored (the first look, shown while the texture bakes and with
+#: the result's link already, ends in -preview.glb).
+STORED_GLB = r"/triplaneturbo-[0-9a-f]{12}\.glb$"
+
+
 def wait_for_result(page, seed: int | None = None) -> str:
-    """Waits until the link field holds a result's link (with ``seed`` if given); returns it."""
+    """Waits until the link field holds a result's link (with ``seed`` if given) and the viewer holds
+    a stored result's GLB, not the first look; returns the link."""
     wanted = f"seed={seed}&" if seed is not None else "seed="
     page.wait_for_function(
-        "([sel, wanted]) => { const el = document.querySelector(sel); return el && el.value.includes(wanted); }",
-        arg=[LINK_FIELD, wanted], timeout=90_000)
+        "([sel, wanted, glb]) => { const el = document.querySelector(sel); const a = document.querySelector("
+        "'#model3d a'); return el && el.value.includes(wanted) && a && new RegExp(glb).test(a.href); }",
+        arg=[LINK_FIELD, wanted, STORED_GLB], timeout=90_000)
     return page.locator(LINK_FIELD).first.input_value()
 
 
@@ -335,6 +342,10 @@ def test_examples_are_stored_results_like_any_other(app_server, page):
     page.get_by_text(example, exact=True).click()
     page.wait_for_function("(p) => document.querySelector('#prompt textarea, #prompt input').value === p", arg=example)
     wait_for_result(page, seed=0)
+    # the link and viewer were this result's already: the second answer is the one from the store
+    from playwright.sync_api import expect
+
+    expect(page.locator("#details")).to_contain_text(re.compile(r'"cached"\s*:\s*true'))
     assert sorted(p.name for p in (app_server.output_dir / "records").iterdir()) == records  # nothing made again
     assert not (app_server.output_dir / "examples").exists() and not list(app_server.workdir.iterdir())
 
@@ -362,8 +373,7 @@ def test_the_vertex_coloured_mesh_is_drawn_while_the_texture_bakes(tmp_path_fact
         # then the textured mesh: the viewer holds the result's GLB (not the first look's), and every
         # frame drawn over the next two seconds is coloured (a texture that failed to load shows
         # white; the first look and the textured mesh look alike, so one frame could be either)
-        final_glb = re.compile(r"/triplaneturbo-[0-9a-f]{12}\.glb$")  # the first look's ends in -preview.glb
-        expect(page.locator("#model3d a").first).to_have_attribute("href", final_glb)
+        expect(page.locator("#model3d a").first).to_have_attribute("href", re.compile(STORED_GLB))
         for frame in range(4):
             assert mesh_saturation(page, "first-look-final") > 0.2, frame
             time.sleep(0.5)

@@ -9,8 +9,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from triplane_turbo.web.downloads import LinkDownloadButton
 from triplane_turbo.web.meshsource import file_name
 from triplane_turbo.web.store import DOWNLOADS
 
-REPO = Path(__file__).resolve().parent.parent
 LAZY = [fmt for fmt in DOWNLOADS if fmt != "glb"]  # the app's downloads written on demand
 ENCODABLE = [fmt for fmt in FORMATS if fmt != "glb"]  # what the store can write on demand
 
@@ -300,59 +297,73 @@ def test_a_real_full_disk_gives_a_clear_message_and_the_app_recovers_when_space_
 # ---------------------------------------------------------------------------------------------
 # A server killed while writing
 # ---------------------------------------------------------------------------------------------
-#: The child stores a result and blocks at the chosen point (saying "ready" on its stdout) until killed.
-CHILD = textwrap.dedent("""
-    import os, sys, time
-    from pathlib import Path
-    import numpy as np, trimesh
-    from triplane_turbo.web import store as store_module
-    from triplane_turbo.web.store import ResultStore
-
-    root, point = Path(sys.argv[1]), sys.argv[2]
+def store_then_hold(root: Path, point: str, hold) -> None:
+    """What the killed server does: stores a result and calls ``hold()`` (which never returns) at the
+    chosen point of the writing."""
     store = ResultStore(root)
     mesh = trimesh.creation.icosphere(subdivisions=3)
     mesh.visual.vertex_colors = np.full((len(mesh.vertices), 4), 200, np.uint8)
     preview = np.zeros((8, 8, 3), np.uint8)
     key = ResultStore.key(n=1)
-
-    def hold():
-        print("ready", flush=True)
-        time.sleep(600)  # until SIGKILL
-
-    real_replace, real_write_atomic = os.replace, store_module.write_atomic
+    real_write_atomic = store_module.write_atomic
     if point == "staged":  # every file of the entry written, not yet in place
         store_module.os.replace = lambda *a: hold()
     elif point == "renamed":  # the files in place, the record not written
-        store_module.write_atomic = lambda path, data: hold() if Path(path).parent.name == "records" else \\
+        store_module.write_atomic = lambda path, data: hold() if Path(path).parent.name == "records" else \
             real_write_atomic(path, data)
     elif point == "download":  # the entry stored; a download half-written into its temporary file
         store.save(key, mesh, {}, None, preview)
-        import triplane_turbo.fileio as fileio
+
         def fsync(fd):
             os.ftruncate(fd, 1000)
             hold()
+
         fileio.os.fsync = fsync
         store.download(key, "ply")
     store.save(key, mesh, {}, None, preview)
-""")
+
+
+def forked_writer(root: Path, point: str) -> int:
+    """A process that runs ``store_then_hold`` and waits, once it holds, to be killed: a fork of this
+    one (it has the store's modules imported already; a fresh interpreter spent about 4 s of CPU
+    importing them). Returns its pid once it holds; what it said instead if it ended first fails the
+    test. The child never returns into pytest: it only leaves through ``os._exit``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read_end)
+
+            def hold():
+                os.write(write_end, b"ready\n")
+                while True:  # until SIGKILL
+                    signal.pause()
+
+            store_then_hold(root, point, hold)
+            os.write(write_end, b"stored without holding\n")
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+            os.write(write_end, f"{type(exc).__name__}: {exc}\n".encode())
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as said:
+        line = said.readline().decode()  # blocks until the child holds (or ends: then it says why)
+    if line != "ready\n":
+        os.waitpid(pid, 0)
+        pytest.fail(f"the writer did not hold: {line}")
+    return pid
 
 
 @pytest.mark.parametrize("point", ["staged", "renamed", "download"])
 def test_a_server_killed_while_writing_leaves_no_half_written_result(tmp_path, point):
     root = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), point], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    pid = forked_writer(root, point)
     try:
-        said = child.stdout.readline()  # blocks until the child holds (or ends: then it says why)
-        assert said == "ready\n", said + child.stdout.read()
         left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=60)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     key = ResultStore.key(n=1)
     if point == "staged":
         assert any(name.startswith(".staging/") for name in left)
