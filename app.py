@@ -38,10 +38,11 @@ CODE_URL = "https://github.com/theEricMa/TriplaneTurbo"
 REPO_URL = os.environ.get("TRIPLANE_TURBO_REPO_URL", "")  # this project's public page, once it has one
 TINY_BANNER = ("**Offline demo on a tiny random model:** the shapes are meaningless blobs. "
                "Use it to try the interface; run `python app.py` for the real TriplaneTurbo weights.")
-#: Visitors' sessions whose state Gradio keeps (least recently active dropped first). Each costs about
-#: 340 kB (its copy of the page's configuration; measured with tracemalloc), so Gradio's default of
-#: 10,000 would let a public Space grow by 3.4 GB. A session's state (the last result, the variants'
-#: list) only serves clicks during a visit; a dropped one answers such a click with a clear message.
+#: Visitors' sessions whose state Gradio keeps (least recently active dropped first). Each holds about
+#: 100 kB, mostly Gradio's own copy of the page's configuration (measured over the objects a session
+#: alone holds; it no longer grows with the meshes made, see Handlers._show), and Gradio's default of
+#: 10,000 sessions would be a gigabyte. A session's state (the last result, the variants' list) only
+#: serves clicks during a visit; a dropped one answers such a click with a clear message.
 SESSION_CAPACITY = 256
 #: Browser history: localStorage key; the "secret" only obfuscates (Gradio publishes it in the page config).
 HISTORY_STORAGE = dict(storage_key="triplane-turbo-history-v1", secret="triplane-turbo-history")
