@@ -244,10 +244,8 @@ class Handlers:
         report = lambda fraction, desc: progress(fraction, desc=desc)  # noqa: E731
         for event in self.service.produce([settings], report, fail_on_empty=True):
             if isinstance(event, FirstLook):
-                # The previous result's downloads are cleared (they are not this mesh's) and the link is
-                # this one's already. Not gr.skip(): Gradio answers each skipped output with a new
-                # component kept in the session's state, about 7 kB per output and generation, so a
-                # session would grow with every mesh it makes (bench/soak.py). The history item waits.
+                # The old downloads cleared, this mesh's link. Not gr.skip(): Gradio keeps a new component
+                # in the session per skipped output (~7 kB each), so sessions grew with every mesh.
                 yield (str(event.glb), {"prompt": settings.prompt, "seed": settings.seed,
                                         "status": "baking the texture…"}, settings.seed, *[None] * len(DOWNLOADS),
                        settings.share_link(page_url(request)), gr.skip())
