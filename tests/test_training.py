@@ -6,6 +6,7 @@ command line (recipes, prompt sources, checkpoints)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -47,20 +48,33 @@ def tiny_training_pipe(tiny_model_dir):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def loaded_training_pipe(tiny_model_dir):
+    """The tiny model loaded for training once per module; never trained itself (``training_pipe``)."""
+    return tiny_training_pipe(tiny_model_dir)
+
+
+@pytest.fixture
+def training_pipe(loaded_training_pipe):
+    """A pipeline of this test's own, as ``tiny_training_pipe`` loads it: a copy of the loaded one (a
+    trainer changes its weights and flags; the copy is bit for bit a fresh load, at a third of the CPU)."""
+    return copy.deepcopy(loaded_training_pipe)
+
+
 def snapshot(parameters) -> list[torch.Tensor]:
     return [p.detach().clone() for p in parameters]
 
 
-def test_the_training_timesteps_are_the_inference_timesteps(tiny_model_dir):
-    pipe = tiny_training_pipe(tiny_model_dir)
+def test_the_training_timesteps_are_the_inference_timesteps(tiny_model_dir, training_pipe):
+    pipe = training_pipe
     trainer = PRDTrainer(pipe, [], TrainConfig(**TINY_TRAINING))
     assert trainer.timesteps().tolist() == pipe.timesteps(4).tolist() == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="fuse_lora=False"):
         PRDTrainer(TriplaneTurboPipeline.from_pretrained(*map(str, tiny_model_dir)), [], TrainConfig())
 
 
-def test_one_iteration_trains_the_adapter_and_nothing_else(tiny_model_dir):
-    pipe = tiny_training_pipe(tiny_model_dir)
+def test_one_iteration_trains_the_adapter_and_nothing_else(tiny_model_dir, training_pipe):
+    pipe = training_pipe
     config = TrainConfig(**TINY_TRAINING, accumulate=2, prompts_per_step=2)
     teacher = StableDiffusionTeacher(tiny_model_dir[0], config=config.guidance)
     trainer = PRDTrainer(pipe, [teacher], config)
@@ -118,7 +132,7 @@ def test_the_volume_renderer_passes_gradcheck():
     directions = torch.nn.functional.normalize(torch.tensor([[[0.0, 0.05, -1.0], [0.02, 0.1, -1.0]]],
                                                             dtype=torch.float64), dim=-1)
     background = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    triplane = (torch.randn(1, 6, 4, 5, 5, dtype=torch.float64) * 0.3).requires_grad_(True)
+    triplane = (torch.randn(1, 6, 4, 4, 4, dtype=torch.float64) * 0.3).requires_grad_(True)
     depths = renderer.sample_depths(fields, triplane.detach(), origins, directions, torch.Generator().manual_seed(1))
 
     def render(planes):
@@ -146,10 +160,10 @@ def test_cameras_look_at_the_object_from_all_sides():
     assert (directions[:, 0, :, 2].mean(1) > directions[:, 1, :, 2].mean(1)).all()  # the top row looks higher (+z)
 
 
-def test_a_fixed_target_image_is_learned(tiny_model_dir):
+def test_a_fixed_target_image_is_learned(training_pipe):
     """With a teacher that wants every view to be one orange picture, the render loss halves within a
     dozen iterations (Adan at 3e-3; the learned background is off, or it alone could match the colour)."""
-    pipe = tiny_training_pipe(tiny_model_dir)
+    pipe = training_pipe
     target = torch.tensor([1.0, 0.5, 0.1])[:, None, None].expand(3, 8, 8)
     config = TrainConfig(prompts_per_step=1, renderers=("volume",), eikonal=(0.0, 0.0), sparsity=(0.0, 0.0),
                          cameras=CameraConfig(views=2), volume=VolumeConfig(coarse_samples=12, fine_samples=4, rays=12,
@@ -307,8 +321,8 @@ def test_adan_follows_the_update_rule_with_the_authors_betas(optimizer_class, ma
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(seen, expected)) == matches
 
 
-def test_adan_is_the_default_optimiser_with_the_authors_settings(tiny_model_dir):
-    trainer = PRDTrainer(tiny_training_pipe(tiny_model_dir), [], TrainConfig(**TINY_TRAINING))
+def test_adan_is_the_default_optimiser_with_the_authors_settings(training_pipe):
+    trainer = PRDTrainer(training_pipe, [], TrainConfig(**TINY_TRAINING))
     assert isinstance(trainer.optimizer, Adan)
     groups = trainer.optimizer.param_groups
     assert [g["lr"] for g in groups] == [2e-4, 2e-4]  # the adapter and the background (lr 2e-4 each)
@@ -337,16 +351,16 @@ FAST = dict(prompts_per_step=1, renderers=("volume",), cameras=CameraConfig(view
             background=BackgroundConfig(levels=2, log2_table=8, hidden=8))
 
 
-def test_with_accumulation_the_schedules_advance_once_per_optimiser_step(tiny_model_dir):
+def test_with_accumulation_the_schedules_advance_once_per_optimiser_step(training_pipe):
     teacher = RecordingTeacher()
-    trainer = PRDTrainer(tiny_training_pipe(tiny_model_dir), [teacher], TrainConfig(**FAST, accumulate=4, schedule_start=10))
+    trainer = PRDTrainer(training_pipe, [teacher], TrainConfig(**FAST, accumulate=3, schedule_start=10))
     before = snapshot(trainer.parameters)
-    for i in range(8):
+    for i in range(6):
         trainer.train_step(["a chair"])
         changed = not all(torch.equal(a, b) for a, b in zip(before, trainer.parameters))
-        assert changed == (i >= 3)  # the first update comes with the fourth iteration
-    assert trainer.iteration == 8 and trainer.optimizer_steps == 2
-    assert teacher.steps == [10] * 16 + [11] * 16  # 4 denoising steps per iteration, 4 iterations per update
+        assert changed == (i >= 2)  # the first update comes with the third iteration
+    assert trainer.iteration == 6 and trainer.optimizer_steps == 2
+    assert teacher.steps == [10] * 12 + [11] * 12  # 4 denoising steps per iteration, 3 iterations per update
 
 
 def test_from_scratch_the_adapter_is_initialised_as_the_authors(tiny_model_dir):
@@ -391,7 +405,7 @@ def test_from_scratch_the_adapter_is_initialised_as_the_authors(tiny_model_dir):
     assert torch.isfinite(pipe.latents_to_triplane(x)).all()
 
 
-def make_accelerated_trainer(tiny_model_dir, project: Path, **overrides):
+def make_accelerated_trainer(tiny_model_dir, pipe, project: Path, **overrides):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -399,15 +413,15 @@ def make_accelerated_trainer(tiny_model_dir, project: Path, **overrides):
         project_dir=str(project), automatic_checkpoint_naming=True, total_limit=2))
     config = TrainConfig(**{**FAST, "renderers": ("mesh", "volume"), "mesh": MeshConfig(grid=16, image=16), **overrides})
     teacher = StableDiffusionTeacher(tiny_model_dir[0], config=TINY_TRAINING["guidance"])
-    return PRDTrainer(tiny_training_pipe(tiny_model_dir), [teacher], config, accelerator)
+    return PRDTrainer(pipe, [teacher], config, accelerator)
 
 
-def test_resuming_restores_the_optimiser_and_the_random_states_exactly(tmp_path, tiny_model_dir):
+def test_resuming_restores_the_optimiser_and_the_random_states_exactly(tmp_path, tiny_model_dir, loaded_training_pipe):
     """A run saved after two iterations and resumed elsewhere takes the same third step as the
     uninterrupted run: weights, Adan's moments, the counters and the RNG states come back."""
     from triplane_turbo.training import latest_checkpoint
 
-    first = make_accelerated_trainer(tiny_model_dir, tmp_path / "a")
+    first = make_accelerated_trainer(tiny_model_dir, copy.deepcopy(loaded_training_pipe), tmp_path / "a")
     for _ in range(2):
         first.train_step(["a chair"])
     folder = first.save_state()
@@ -422,7 +436,7 @@ def test_resuming_restores_the_optimiser_and_the_random_states_exactly(tmp_path,
     torn = tmp_path / "a" / "checkpoints" / "checkpoint_1"  # a save that a kill cut short
     torn.mkdir()
     (torn / "optimizer.bin").write_bytes(b"half")
-    resumed = make_accelerated_trainer(tiny_model_dir, tmp_path / "a")
+    resumed = make_accelerated_trainer(tiny_model_dir, copy.deepcopy(loaded_training_pipe), tmp_path / "a")
     resumed.load_state(folder)
     assert torch.equal(torch.rand(3), draw_after_save)
     assert (resumed.iteration, resumed.optimizer_steps) == (2, 2)
@@ -444,15 +458,16 @@ from triplane_turbo.training import PRDTrainer, StableDiffusionTeacher, TrainCon
 from triplane_turbo.training.config import TINY_TRAINING, TINY_TRAINING_LATENT, BackgroundConfig, CameraConfig
 from triplane_turbo.training.prd import ddp_kwargs
 
-def step_gradients(base, adapter, fake_rank):
+def step_gradients(base, adapter, fake_rank, pipe=None):
     # the gradients the optimiser sees after one iteration: in a process of a DDP run (fake_rank < 0),
-    # or in a single process drawing the data of rank fake_rank
+    # or in a single process drawing the data of rank fake_rank (pipe: the tiny model as loaded below)
     config = TrainConfig(prompts_per_step=1, renderers=("mesh", "volume"), cameras=CameraConfig(views=1),
                          volume=VolumeConfig(coarse_samples=8, fine_samples=0, rays=8, global_rays=0, patch_rays=0),
                          mesh=MeshConfig(grid=16, image=16), background=BackgroundConfig(levels=2, log2_table=8, hidden=8))
     accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs(config)])
-    pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False,
-                                                 config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
+    if pipe is None:
+        pipe = TriplaneTurboPipeline.from_pretrained(base, adapter, fuse_lora=False,
+                                                     config=GenerationConfig(latent_size=TINY_TRAINING_LATENT))
     teacher = StableDiffusionTeacher(base, config=TINY_TRAINING["guidance"], text_encoder=pipe.text_encoder,
                                      tokenizer=pipe.tokenizer)
     trainer = PRDTrainer(pipe, [teacher], config, accelerator)
@@ -497,7 +512,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_processes_average_the_gradients_of_all_four_passes_and_train_one_adapter(tmp_path, tiny_model_dir):
+def test_two_processes_average_the_gradients_of_all_four_passes_and_train_one_adapter(tmp_path, tiny_model_dir,
+                                                                                      loaded_training_pipe):
     """Data parallel through accelerate, in one launch of two processes.
 
     First one iteration through ``accelerate.prepare``, the first three backward passes under
@@ -513,14 +529,16 @@ def test_two_processes_average_the_gradients_of_all_four_passes_and_train_one_ad
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    train_argv = ["--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--output", "run", "--steps", "2",
+    train_argv = ["--tiny", "--recipe", "sd", "--prompts", "prompts.txt", "--output", "run", "--steps", "1",
                   "--renderers", "volume", "--prompts-per-step", "1", "--views", "1", "--preview-every", "0", "-q"]
     ddp = subprocess.Popen([*launcher, str(script), base, adapter, str(tmp_path / "both.pt"), *train_argv],
                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         namespace: dict = {"__name__": "ddp_step"}
         exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # meanwhile, each rank's data in this process alone
-        one, other = (namespace["step_gradients"](base, adapter, rank)[0] for rank in (0, 1))
+        # (on copies of the module's loaded pipeline: what the script loads, bit for bit)
+        one, other = (namespace["step_gradients"](base, adapter, rank, copy.deepcopy(loaded_training_pipe))[0]
+                      for rank in (0, 1))
         output, _ = ddp.communicate(timeout=400)
     finally:  # a failure here or a hang: no launcher or rank outlives the test
         if ddp.poll() is None:
@@ -541,7 +559,7 @@ def test_two_processes_average_the_gradients_of_all_four_passes_and_train_one_ad
     assert max(map(off, both)) < 1e-3, sorted(both, key=off)[-3:]
 
     records = log_records(tmp_path / "run")
-    assert records[-1] == {"step": 2, "finished": True, "processes": 2, "in_sync": True}
+    assert records[-1] == {"step": 1, "finished": True, "processes": 2, "in_sync": True}
     prompts = [r["prompts"] for r in records if "seconds" in r]  # [step][process] -> that process's prompts
     assert all(len(step) == 2 for step in prompts) and any(a != b for a, b in prompts)  # different data per process
 
@@ -820,11 +838,11 @@ class StubRenderer:
                                normal=torch.zeros(n, 3, 4, 4), depth=torch.ones(n, 1, 4, 4))
 
 
-def test_parallel_guidance_gives_the_sd_teacher_opposite_views(tiny_model_dir):
+def test_parallel_guidance_gives_the_sd_teacher_opposite_views(training_pipe):
     """The authors' parallel guidance with ``sd_oppo_side`` (richdreamer_mvdream_stablediffusion_asd_
     guidance.py:1677-1684): one random view of the mesh render, the opposite one ((v + 2) mod 4) of the
     volume render, drawn afresh each denoising step; without it the SD teacher draws its own view per render."""
-    pipe = tiny_training_pipe(tiny_model_dir)
+    pipe = training_pipe
     cameras = sample_cameras(2, CameraConfig(views=4), torch.Generator().manual_seed(0))
     for parallel in (True, False):
         teacher = ViewRecorder()
@@ -860,13 +878,13 @@ def test_parallel_guidance_gives_the_sd_teacher_opposite_views(tiny_model_dir):
     assert torch.allclose(chosen[0], picked * 2 - 1)  # prompt 0's view 3, prompt 1's view 1
 
 
-def test_long_prompts_are_sliced_as_the_authors_and_truncated_for_sd(tiny_model_dir):
+def test_long_prompts_are_sliced_as_the_authors_and_truncated_for_sd(training_pipe):
     """The authors' prompt processors pad to 77 and keep the first 77 ids
     (stable_diffusion_multi_prompt_processor_callable.py:75-82): a long prompt loses its end token, so
     its pooled embedding (the background's condition) differs from truncation's, which keeps it."""
     from triplane_turbo.training.prompts import token_ids
 
-    pipe = tiny_training_pipe(tiny_model_dir)
+    pipe = training_pipe
     tokenizer = pipe.tokenizer
     long = " ".join(["chair"] * 100)
     sliced, truncated = token_ids(tokenizer, [long, "a car"], "slice"), token_ids(tokenizer, [long, "a car"], "truncate")
