@@ -54,23 +54,18 @@ PROMPTS = ["a wooden chair", "a red sports car", "a teapot", "a corgi taking a s
 #: Runs the app with a SIGUSR1 handler that writes the live objects' counts by type (and, with
 #: SOAK_TRACEMALLOC=1, the top allocation sites) to $SOAK_COUNTS: for finding what grows.
 COUNTING_SERVER = r"""
-import collections, ctypes, gc, json, os, runpy, signal, sys
+import collections, gc, json, os, runpy, signal, sys
+from triplane_turbo.web.memory import heap_bytes
 if os.environ.get("SOAK_TRACEMALLOC") == "1":
     import tracemalloc; tracemalloc.start(8)
 def dump(*_):
     gc.collect()
     counts = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
     out = {"types": dict(counts), "python_blocks": sys.getallocatedblocks()}
-    try:  # glibc's view of its heaps: in use, free but kept, mmapped
-        class Info(ctypes.Structure):
-            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-        libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
-        info = libc.mallinfo2()
-        out["malloc_mb"] = {"in_use": info.uordblks / 2**20, "free_kept": info.fordblks / 2**20,
-                            "mmapped": info.hblkhd / 2**20}
-    except (OSError, AttributeError):
-        pass
+    heap = heap_bytes()  # glibc's view of its heaps: in use, free but kept, mapped
+    if heap is not None:
+        out["malloc_mb"] = {"in_use": heap["in_use"] / 2**20, "free_kept": heap["free_kept"] / 2**20,
+                            "mmapped": heap["mapped"] / 2**20}
     if os.environ.get("SOAK_TRACEMALLOC") == "1":
         import tracemalloc
         stats = tracemalloc.take_snapshot().statistics("traceback")[:15]

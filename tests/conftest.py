@@ -39,8 +39,9 @@ FIXTURE_A = FIXTURES / "fixture_a"
 #: test_soak.py first: its hundred requests in a row (one server of its own) are the longest test;
 #: started last, the other worker sat idle for 95 s at the end. Then test_install.py: its first run
 #: installs 5 GB (10 to 30 min), a later one takes 25-35 s.
-LONGEST_MODULES = ("test_soak.py", "test_install.py", "test_browser.py", "test_training.py", "test_app.py", "test_batch.py",
-                   "test_cli.py", "test_parity.py", "test_bench.py", "test_evaluate.py", "test_pipeline.py")
+LONGEST_MODULES = ("test_soak.py", "test_install.py", "test_browser.py", "test_training.py", "test_app.py",
+                   "test_batch.py", "test_cli.py", "test_parity.py", "test_bench.py", "test_evaluate.py",
+                   "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
